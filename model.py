@@ -1,0 +1,383 @@
+"""
+A Llama-style decoder-only transformer, written to be read top to bottom.
+
+    from model import ModelConfig, Transformer
+    model = Transformer(ModelConfig(vocab_size=50304, n_layer=12, n_head=12, n_embd=768))
+    logits, loss = model(idx, targets)          # training: idx, targets (B, T) int64
+    out = model.generate(idx, max_new_tokens=100, temperature=0.8, top_k=200)
+
+The Llama recipe, each part switchable for ablations (defaults first):
+- no absolute positions: RoPE rotates queries and keys    (pos_emb: rope | learned | none)
+- pre-norm blocks, x + f(norm(x)); RMSNorm in fp32        (norm: rmsnorm | layernorm)
+- grouped-query attention: n_kv_head <= n_head key/value heads, each shared by a group of queries
+- SwiGLU MLP, down(silu(gate(x)) * up(x))                (mlp: swiglu | gelu)
+- no biases; final norm; lm_head optionally tied to the token embedding
+
+Parameter names are those of Hugging Face `LlamaForCausalLM` without its "model." prefix, so
+to_hf() / from_hf() at the bottom are renames, not permutations.
+
+Dimensions: B batch, T positions in this call, S cached positions, C = n_embd, H query heads,
+Hkv key/value heads, D = C // H head dim, V vocab size.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# --- Config ------------------------------------------------------------------
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int = 12        # = n_head: multi-head; < n_head: grouped-query; 1: multi-query
+    n_embd: int = 768
+    ffn_hidden: int = 0        # 0: derived (Llama's rule for swiglu, 4 * n_embd for gelu)
+    multiple_of: int = 256     # Llama rounds the derived ffn_hidden up to a multiple of this
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0  # Llama 2: 1e4, Llama 3: 5e5
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    dropout: float = 0.0
+    pos_emb: str = "rope"      # ablations: rope | learned | none
+    mlp: str = "swiglu"        # swiglu | gelu
+    norm: str = "rmsnorm"      # rmsnorm | layernorm
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "multiple_of", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        for name, choices in [("pos_emb", ("rope", "learned", "none")), ("mlp", ("swiglu", "gelu")),
+                              ("norm", ("rmsnorm", "layernorm"))]:
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {choices}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        if self.pos_emb == "rope" and self.head_dim % 2:
+            raise ValueError(f"head dim n_embd/n_head={self.head_dim} is odd; RoPE rotates pairs of channels")
+        if not 0 <= self.dropout < 1 or self.rope_theta <= 0 or self.norm_eps <= 0 or self.ffn_hidden < 0:
+            raise ValueError(f"need 0 <= dropout < 1, rope_theta > 0, norm_eps > 0, ffn_hidden >= 0; got "
+                             f"dropout={self.dropout}, rope_theta={self.rope_theta}, norm_eps={self.norm_eps}, "
+                             f"ffn_hidden={self.ffn_hidden}")
+        if self.ffn_hidden == 0 and self.mlp == "gelu":
+            self.ffn_hidden = 4 * self.n_embd
+        elif self.ffn_hidden == 0:
+            # SwiGLU has three matrices instead of two, so Llama shrinks 4C to 2/3 * 4C to keep the
+            # parameter count, then rounds up to a multiple of `multiple_of` for fast matmuls.
+            hidden = int(2 * 4 * self.n_embd / 3)
+            self.ffn_hidden = self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+
+# --- Normalization -----------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight (Zhang & Sennrich 2019): LayerNorm without the mean and the bias."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # fp32 math: the mean of squares of bf16 activations loses too many bits; HF does the same.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.type_as(x)
+
+def make_norm(cfg):  # "layernorm": GPT-2's norm (without bias), for ablations
+    return RMSNorm(cfg.n_embd, cfg.norm_eps) if cfg.norm == "rmsnorm" else nn.LayerNorm(cfg.n_embd, cfg.norm_eps, bias=False)
+
+
+# --- Rotary position embedding (Su et al. 2021) ------------------------------
+
+def rope_tables(head_dim, max_seq_len, theta):
+    """cos and sin tables (max_seq_len, D) in fp32 for every position and channel."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (D/2,)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)         # (S, D/2)
+    # HF's "rotate_half" layout: channel i is paired with channel i + D/2 (not with i + 1 as in
+    # Meta's complex-number code), so HF checkpoints load without permuting q_proj and k_proj.
+    angles = torch.cat([angles, angles], dim=-1)                                            # (S, D)
+    return angles.cos(), angles.sin()
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x_i, x_{i+D/2}) of x (B, H, T, D) by its position's angle; cos, sin (T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)                  # (B, H, T, D/2) each
+    rotated = torch.cat([-x2, x1], dim=-1)       # (B, H, T, D)
+    return (x.float() * cos + rotated.float() * sin).type_as(x)
+
+
+# --- KV cache and attention --------------------------------------------------
+
+class KVCache(nn.Module):
+    """Keys and values of past positions in preallocated buffers (B, Hkv, S_max, D), written in place."""
+
+    def __init__(self, batch_size, n_kv_head, max_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos, k, v):
+        """Store k, v (B, Hkv, T, D) at positions pos..pos+T-1; return all keys/values so far."""
+        T = k.size(2)
+        self.k[:, :, pos:pos + T] = k
+        self.v[:, :, pos:pos + T] = v
+        return self.k[:, :, :pos + T], self.v[:, :, :pos + T]   # (B, Hkv, pos+T, D) each
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+        self.dropout = cfg.dropout
+        self.use_rope = cfg.pos_emb == "rope"
+        self.cache = None  # a KVCache while generate() runs
+
+    def forward(self, x, cos, sin, pos):
+        B, T, C = x.size()
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.use_rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cache is not None:
+            k, v = self.cache.update(pos, k, v)  # (B, Hkv, S, D) with S = pos + T
+        S = k.size(2)
+        # Query t sits at position pos + t and may see keys 0..pos+t. One query (decoding) sees all
+        # keys; a block starting at 0 is the usual causal triangle; a block after cached keys needs
+        # the triangle shifted right by pos, which is_causal (top-left aligned) cannot express.
+        mask, causal = None, T > 1 and S == T
+        if T > 1 and S > T:
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)  # (T, S)
+        # enable_gqa lets each group of H/Hkv query heads read its shared K/V head without
+        # materialising a repeated copy of K and V (HF's repeat_kv does copy).
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.n_kv_head != self.n_head)     # (B, H, T, D)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)       # (B, T, C)
+        return self.o_proj(y)
+
+
+# --- MLP and block -----------------------------------------------------------
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        if self.swiglu:  # the gate (Shazeer 2020, "GLU Variants Improve Transformer")
+            self.gate_proj = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x)))  # the GPT-2 MLP, for ablations
+
+class Block(nn.Module):
+    """Pre-norm residual block: each sublayer reads a normalized copy and adds to the stream."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = make_norm(cfg)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, pos):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, pos))
+        x = x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        return x
+
+
+# --- The model ---------------------------------------------------------------
+
+class Transformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.n_embd) if cfg.pos_emb == "learned" else None
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:  # one (V, C) matrix both embeds and unembeds (GPT-2, small Llamas)
+            self.lm_head.weight = self.embed_tokens.weight
+        # Not persistent: derived from the config, and the state dict stays exactly HF's. Keep the
+        # model in fp32 under autocast: model.to(torch.bfloat16) would round these tables too.
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, D)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Init: every matrix ~ N(0, 0.02) as in GPT-2 and Llama; the two matrices that write into
+        the residual stream (o_proj, down_proj) use 0.02 / sqrt(2 * n_layer), so the stream's
+        variance does not grow with depth (GPT-2 paper, section 2.3); norm weights start at 1."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, p in self.named_parameters():  # a tied matrix is listed once
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            else:
+                std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def forward(self, idx, targets=None, pos=0):
+        """idx (B, T) token ids at positions pos..pos+T-1 -> (logits, loss).
+        With targets (B, T) (-1 = ignore): logits (B, T, V) and the mean cross-entropy.
+        Without: logits (B, 1, V) for the last position only, the only one sampling needs."""
+        B, T = idx.size()
+        if pos + T > self.config.max_seq_len:
+            raise ValueError(f"positions up to {pos + T} > max_seq_len={self.config.max_seq_len}")
+        x = self.embed_tokens(idx)                                                        # (B, T, C)
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(torch.arange(pos, pos + T, device=idx.device))  # (B, T, C)
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]                 # (T, D)
+        for layer in self.layers:
+            x = layer(x, cos, sin, pos)
+        x = self.norm(x)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None                                      # (B, 1, V)
+        logits = self.lm_head(x)                                                          # (B, T, V)
+        loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
+                 generator=None):
+        """Append up to max_new_tokens sampled tokens to idx (B, T); returns (B, T + new).
+        The prompt is run once ("prefill") into a KV cache, then each step feeds one token.
+        When the context fills, the cache restarts from the most recent half of the text.
+        Rows that emit eos_id keep emitting it; generation stops when every row has."""
+        B, T = idx.size()
+        S_max = self.config.max_seq_len
+        if T > S_max:
+            raise ValueError(f"prompt of {T} tokens > max_seq_len={S_max}; crop it from the left")
+        was_training = self.training
+        self.eval()
+        device = idx.device
+        # Under autocast k and v come out in the low-precision dtype: store them that way.
+        dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                 else self.lm_head.weight.dtype)
+        for layer in self.layers:
+            layer.self_attn.cache = KVCache(B, self.config.n_kv_head, min(S_max, T + max_new_tokens),
+                                            self.config.head_dim, dtype, device)
+        try:
+            logits, _ = self(idx)                                                         # (B, 1, V)
+            pos, done = T, torch.zeros(B, dtype=torch.bool, device=device)
+            for step in range(max_new_tokens):
+                next_id = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B, 1)
+                if eos_id is not None:
+                    next_id = next_id.masked_fill(done[:, None], eos_id)
+                    done |= next_id[:, 0] == eos_id
+                idx = torch.cat([idx, next_id], dim=1)
+                if step == max_new_tokens - 1 or (eos_id is not None and done.all()):
+                    break
+                if pos == S_max:  # context full: re-encode the recent half and go on from there
+                    recent = idx[:, -max(1, S_max // 2):]
+                    logits, _ = self(recent)
+                    pos = recent.size(1)
+                else:
+                    logits, _ = self(next_id, pos=pos)
+                    pos += 1
+        finally:
+            for layer in self.layers:
+                layer.self_attn.cache = None
+            self.train(was_training)
+        return idx
+
+    def num_params(self, embeddings=True):
+        """Parameter count. embeddings=False leaves out the token and position embeddings and an
+        untied lm_head: Kaplan et al.'s "non-embedding" N used in scaling laws."""
+        n = sum(p.numel() for p in self.parameters())  # a tied matrix counts once
+        if not embeddings:
+            tables = [self.embed_tokens, self.embed_positions, None if self.config.tie_embeddings else self.lm_head]
+            n -= sum(m.weight.numel() for m in tables if m is not None)
+        return n
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token (forward + backward), PaLM paper appendix B: 6 per weight of
+        every matmul (the lm_head included, the embedding lookup not) + 12 * L * H * D * T for the
+        attention scores and weighted sum, counted without the causal saving, as is customary."""
+        cfg = self.config
+        matmul_weights = self.num_params(embeddings=False) + self.lm_head.weight.numel()
+        return 6 * matmul_weights + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Next token ids (B, 1) from logits (B, V): argmax at temperature 0, else a draw after
+    temperature scaling, top-k (keep the k largest) and top-p (keep the smallest set of most
+    likely tokens whose probability reaches p, Holtzman et al. 2019)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, [-1]]                   # (B, 1)
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    probs = F.softmax(logits, dim=-1)                                                     # (B, V)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)                         # (B, V)
+        # Drop a token if the tokens ranked above it already reach top_p.
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, num_samples=1, generator=generator)                   # (B, 1)
+
+
+# --- Hugging Face interop ----------------------------------------------------
+# Pure functions on state dicts and config.json dicts; the caller does the file I/O.
+
+def to_hf(state_dict, cfg):
+    """Our state dict + ModelConfig -> (LlamaForCausalLM state dict, config.json dict)."""
+    if (cfg.pos_emb, cfg.mlp, cfg.norm) != ("rope", "swiglu", "rmsnorm"):
+        raise ValueError(f"only the Llama architecture exports; got pos_emb={cfg.pos_emb}, "
+                         f"mlp={cfg.mlp}, norm={cfg.norm}")
+    hf = {("" if name == "lm_head.weight" else "model.") + name: t for name, t in state_dict.items()}
+    if cfg.tie_embeddings:
+        del hf["lm_head.weight"]  # HF ties lm_head to embed_tokens again when it loads
+    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=cfg.vocab_size,
+                  hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_hidden,
+                  num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                  num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim, hidden_act="silu",
+                  max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+                  tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
+                  # transformers < 5 reads rope_theta, >= 5 reads rope_parameters
+                  rope_theta=cfg.rope_theta,
+                  rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
+    return hf, config
+
+def from_hf(hf_state_dict, hf_config):
+    """LlamaForCausalLM state dict + config.json dict -> (our state dict, ModelConfig)."""
+    rope = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"RoPE scaling {rope} is not supported; only plain RoPE")
+    n_head, C = hf_config["num_attention_heads"], hf_config["hidden_size"]
+    if (hf_config.get("head_dim", C // n_head) * n_head != C or hf_config.get("hidden_act", "silu") != "silu"
+            or hf_config.get("attention_bias") or hf_config.get("mlp_bias")):
+        raise ValueError("only Llama with head_dim * heads = hidden_size, silu and no biases is supported")
+    cfg = ModelConfig(vocab_size=hf_config["vocab_size"], n_layer=hf_config["num_hidden_layers"],
+                      n_head=n_head, n_kv_head=hf_config.get("num_key_value_heads") or n_head,
+                      n_embd=C, ffn_hidden=hf_config["intermediate_size"],
+                      max_seq_len=hf_config["max_position_embeddings"],
+                      rope_theta=float(rope.get("rope_theta", hf_config.get("rope_theta", 10000.0))),
+                      norm_eps=hf_config.get("rms_norm_eps", 1e-6),
+                      tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)))
+    # Anything else (rotary_emb.inv_freq in old checkpoints) is derived from the config, not learned.
+    state_dict = {name.removeprefix("model."): t for name, t in hf_state_dict.items()
+                  if name.startswith("model.") or name == "lm_head.weight"}
+    if cfg.tie_embeddings:
+        state_dict["lm_head.weight"] = state_dict["embed_tokens.weight"]
+    return state_dict, cfg

@@ -1,0 +1,279 @@
+"""
+The project's tests, CPU-only and offline, tiny models and few steps:
+
+    python -m pytest -q test_model.py
+
+Sections: model (against Hugging Face Llama and naive references), prepare, train, sample, eval.
+Shared inputs come from ../shared beside the repository (Tiny Shakespeare, GPT-2 BPE ranks).
+"""
+import math
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import KVCache, ModelConfig, Transformer, apply_rope, from_hf, rope_tables, sample_next, to_hf
+
+ROOT = Path(__file__).resolve().parent
+SHARED = ROOT.parent / "shared"
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_config(**overrides):
+    base = dict(vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, max_seq_len=64, multiple_of=16)
+    return ModelConfig(**{**base, **overrides})
+
+
+def random_model(seed=0, **overrides):
+    """A tiny model whose norm weights are random too, so a wrong norm mapping cannot hide."""
+    torch.manual_seed(seed)
+    model = Transformer(tiny_config(**overrides))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def full_logits(model, idx):
+    """Logits at every position; forward() only computes them all when given targets."""
+    return model(idx, targets=torch.zeros_like(idx))[0]
+
+# -----------------------------------------------------------------------------
+# model.py
+
+
+def hf_llama(hf_config):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(**hf_config)
+    config._attn_implementation = "sdpa"
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("theta", [10000.0, 500000.0])
+def test_logits_match_hf_llama(tie, n_kv_head, theta):
+    model = random_model(n_kv_head=n_kv_head, rope_theta=theta, tie_embeddings=tie)
+    hf_state, hf_config = to_hf(model.state_dict(), model.config)
+    hf = hf_llama(hf_config)
+    assert hf.config.rope_parameters["rope_theta"] == theta
+    hf.load_state_dict(hf_state, strict=not tie)  # tied: lm_head comes from embed_tokens
+    assert torch.equal(hf.lm_head.weight, model.lm_head.weight)
+    idx = torch.randint(0, 96, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = full_logits(model, idx), hf(idx).logits
+    assert (ours - theirs).abs().max().item() <= 1e-5
+
+    # The reverse: a model that HF initialised, imported, gives HF's logits ...
+    torch.manual_seed(2)
+    hf2 = hf_llama(hf_config)
+    state, cfg = from_hf(hf2.state_dict(), hf2.config.to_dict())
+    assert replace(cfg, multiple_of=16) == model.config  # multiple_of only derives ffn_hidden
+    imported = Transformer(cfg).eval()
+    imported.load_state_dict(state)
+    with torch.no_grad():
+        assert (full_logits(imported, idx) - hf2(idx).logits).abs().max().item() <= 1e-5
+    # ... and our export imported back is the very same model.
+    state, cfg = from_hf(hf_state, hf_config)
+    back = Transformer(cfg).eval()
+    back.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(full_logits(back, idx), ours)
+
+
+def test_causality():
+    model = random_model()
+    idx = torch.randint(0, 96, (2, 30), generator=torch.Generator().manual_seed(0))
+    changed = idx.clone()
+    t = 17
+    changed[:, t] = (idx[:, t] + 1) % 96
+    with torch.no_grad():
+        a, b = full_logits(model, idx), full_logits(model, changed)
+    assert torch.equal(a[:, :t], b[:, :t])
+    assert (a[:, t:] - b[:, t:]).abs().amax(dim=-1).min() > 1e-4  # every later position sees it
+
+
+def test_kv_cache_decode_equals_full_forward():
+    model = random_model(n_kv_head=2)  # GQA
+    prompt = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    out = model.generate(prompt, max_new_tokens=20, temperature=0)
+    assert out.shape == (2, 29)
+    # Reference: greedy decoding with a full forward over the whole sequence at every step.
+    ref = prompt
+    with torch.no_grad():
+        for _ in range(20):
+            ref = torch.cat([ref, full_logits(model, ref)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ref)
+
+    # Step by step: prefill, one-token steps, and a 5-token chunk after cached positions (the
+    # shifted causal mask); each step's logits equal the full forward's at those positions.
+    with torch.no_grad():
+        full = full_logits(model, ref)
+        for layer in model.layers:
+            layer.self_attn.cache = KVCache(2, 2, 29, 8, torch.float32, "cpu")
+        got = [model(ref[:, :9], targets=torch.zeros_like(ref[:, :9]))[0]]
+        for t in range(9, 24):
+            got.append(model(ref[:, t:t + 1], pos=t)[0])
+        got.append(model(ref[:, 24:], targets=torch.zeros_like(ref[:, 24:]), pos=24)[0])
+        for layer in model.layers:
+            layer.self_attn.cache = None
+    assert (torch.cat(got, dim=1) - full).abs().max().item() <= 1e-5
+
+
+def test_generate_past_the_context_and_eos():
+    model = random_model(max_seq_len=16)
+    prompt = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(0))
+    out = model.generate(prompt, max_new_tokens=40, temperature=0)
+    assert out.shape == (2, 50)  # the cache restarted from the recent half, twice or more
+    with torch.no_grad():  # the first 6 new tokens fit in the context: plain greedy
+        ref = prompt
+        for _ in range(6):
+            ref = torch.cat([ref, full_logits(model, ref)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out[:, :16], ref)
+    # eos: row 0 is known to produce token `eos` at step 2; every row stops at its first eos
+    # and pads with eos until all rows are done.
+    eos = int(out[0, 12])
+    first = [int((row[10:] == eos).nonzero()[0]) if (row[10:] == eos).any() else None for row in out]
+    stopped = model.generate(prompt, max_new_tokens=40, temperature=0, eos_id=eos)
+    ends = [40 if f is None else f + 1 for f in first]
+    assert stopped.size(1) == 10 + max(ends)
+    for row, end in enumerate(ends):
+        assert torch.equal(stopped[row, :10 + end], out[row, :10 + end])
+        assert (stopped[row, 10 + end:] == eos).all()
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    D = 16
+    cos, sin = rope_tables(D, 128, 10000.0)
+    q, k = torch.randn(2, 1, 1, 1, D).unbind(0)  # (1, 1, 1, D) each
+
+    def score(m, n):  # <rope(q at m), rope(k at n)>
+        return (apply_rope(q, cos[m:m + 1], sin[m:m + 1]) * apply_rope(k, cos[n:n + 1], sin[n:n + 1])).sum()
+
+    for m, n in [(5, 2), (40, 3), (9, 9)]:
+        for shift in (1, 17, 80):
+            assert abs(score(m, n) - score(m + shift, n + shift)) < 1e-4
+    assert abs(score(5, 2) - score(5, 3)) > 1e-3  # and it does depend on the offset
+    assert torch.allclose(apply_rope(q, cos[:1], sin[:1]), q)  # position 0 is the identity
+
+
+def test_loss_at_init_and_overfitting_one_batch():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(vocab_size=256))
+    idx = torch.randint(0, 256, (4, 33))
+    x, y = idx[:, :-1], idx[:, 1:]
+    _, loss = model(x, y)
+    assert abs(loss.item() - math.log(256)) < 0.1
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    for _ in range(50):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5
+
+
+def test_ignore_index_and_inference_logits():
+    model = random_model()
+    idx = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    targets = idx.roll(-1, dims=1)
+    targets[:, -4:] = -1
+    logits, loss = model(idx, targets)
+    ref = F.cross_entropy(logits[:, :-4].reshape(-1, 96), targets[:, :-4].reshape(-1))
+    assert torch.allclose(loss, ref, atol=1e-6)
+    last, no_loss = model(idx)
+    assert no_loss is None and last.shape == (2, 1, 96)
+    assert torch.allclose(last[:, 0], logits[:, -1], atol=1e-6)
+
+
+@pytest.mark.parametrize("pos_emb", ["rope", "learned", "none"])
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+def test_ablations_run_forward_and_backward(pos_emb, mlp, norm):
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(pos_emb=pos_emb, mlp=mlp, norm=norm, dropout=0.1))
+    idx = torch.randint(0, 96, (2, 16))
+    _, loss = model(idx, idx)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert model.generate(idx[:, :4], 6, temperature=0).shape == (2, 10)
+    if (pos_emb, mlp, norm) != ("rope", "swiglu", "rmsnorm"):
+        with pytest.raises(ValueError, match="only the Llama architecture"):
+            to_hf(model.state_dict(), model.config)
+
+
+def test_parameter_count_and_flops_against_hand_count():
+    for tie in (False, True):
+        cfg = tiny_config(tie_embeddings=tie)
+        model = Transformer(cfg)
+        V, C, L, F_, D = 96, 32, 2, cfg.ffn_hidden, 8
+        per_layer = C * 4 * D + 2 * C * 2 * D + C * 4 * D + 3 * C * F_ + 2 * C  # q, k+v, o, mlp, norms
+        body = L * per_layer + C
+        assert F_ == 96  # 2/3 * 4 * 32 = 85.3, rounded up to a multiple of 16
+        assert model.num_params() == body + V * C * (1 if tie else 2)
+        assert model.num_params(embeddings=False) == body
+        assert model.flops_per_token(64) == 6 * (body + V * C) + 12 * L * 4 * D * 64
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(n_embd=30), "n_embd=30 is not divisible by n_head=4"),
+    (dict(n_kv_head=3), "n_head=4 is not divisible by n_kv_head=3"),
+    (dict(n_embd=36, n_head=12, n_kv_head=4), "head dim n_embd/n_head=3 is odd"),
+    (dict(pos_emb="alibi"), "pos_emb='alibi' is not one of"),
+    (dict(mlp="relu"), "mlp='relu' is not one of"),
+    (dict(norm="batchnorm"), "norm='batchnorm' is not one of"),
+    (dict(n_layer=0), "n_layer=0 must be positive"),
+    (dict(dropout=1.5), "dropout=1.5"),
+    (dict(ffn_hidden=-1), "ffn_hidden=-1"),
+    (dict(rope_theta=0.0), "rope_theta=0.0"),
+])
+def test_config_errors_name_the_values(overrides, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        tiny_config(**overrides)
+
+
+def test_sequence_longer_than_context_is_an_error():
+    model = random_model(max_seq_len=16)
+    with pytest.raises(ValueError, match="positions up to 17 > max_seq_len=16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+# -----------------------------------------------------------------------------
+# sampling (model.sample_next)
+
+
+def test_greedy_and_top_k_1_are_argmax():
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
+    greedy = sample_next(logits, temperature=0)
+    assert torch.equal(greedy[:, 0], logits.argmax(-1))
+    g = torch.Generator().manual_seed(3)
+    assert torch.equal(sample_next(logits, temperature=1.3, top_k=1, generator=g), greedy)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]])
+    logits = probs.log()
+    g = torch.Generator().manual_seed(0)
+
+    def support(top_p):
+        draws = torch.cat([sample_next(logits, top_p=top_p, generator=g) for _ in range(400)])
+        return set(draws[:, 0].tolist())
+
+    assert support(0.35) == {1}           # 0.4 alone reaches 0.35
+    assert support(0.6) == {1, 3}         # 0.4 + 0.3 = 0.7 >= 0.6
+    assert support(0.75) == {1, 3, 4}     # 0.7 < 0.75; adding 0.15 reaches it
+    assert support(0.9) == {1, 3, 4, 2}   # 0.85 < 0.9 <= 0.95
+    assert support(1.0) == {0, 1, 2, 3, 4}
+
+
+def test_sampling_with_a_seeded_generator_repeats():
+    model = random_model()
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    runs = [model.generate(prompt, 30, temperature=1.0, top_k=20,
+                           generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
