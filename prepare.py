@@ -232,31 +232,34 @@ def load_rows(cfg: Config, kind: str | None = None, paths: list[str] | None = No
             raise PrepareError(f"cannot load dataset {cfg.dataset!r}: {one_line(e)}; check --dataset, --subset "
                                "and --split (https://huggingface.co/datasets) and your internet connection")
     datasets.disable_progress_bars()  # local files load in seconds; keep stderr for our own progress line
-    try:
-        return datasets.load_dataset(kind, data_files=paths, split="train")
-    except UnicodeDecodeError:
-        # decode as .txt files are, replacing invalid bytes; datasets only applies encoding_errors when the
-        # encoding is not spelled "utf-8", hence its alias "utf_8"
+    options, replaced = {}, stats["replaced_bytes"]
+    if kind == "json":  # JSON must be UTF-8, but pyarrow lets bad bytes through: count them first, as for .txt
         for path in paths:
             decoder = utf8_decoder(stats)
             with open(path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 24), b""):
                     decoder.decode(block)
             decoder.decode(b"", final=True)
-        return datasets.load_dataset(kind, data_files=paths, split="train", encoding="utf_8", encoding_errors="replace")
+    if stats["replaced_bytes"] > replaced:  # then let datasets replace them; it only applies encoding_errors
+        options = dict(encoding="utf_8", encoding_errors="replace")  # to an encoding not spelled "utf-8"
+    try:
+        return datasets.load_dataset(kind, data_files=paths, split="train", **options)
     except Exception as e:
         raise PrepareError(f"cannot read {', '.join(paths)}: {one_line(e)}; check that it is valid {kind}")
 
 
 def rows_to_pieces(rows, text_field: str, chunk_chars: int):
-    for batch in rows.iter(batch_size=1000):
-        if text_field not in batch:
-            raise PrepareError(f"no field {text_field!r} in the dataset; pass --text-field, one of {list(batch)}")
-        for text in batch[text_field]:
-            if text is not None and not isinstance(text, str):
-                raise PrepareError(f"field {text_field!r} holds {type(text).__name__}, not text; pass --text-field "
-                                   f"with a text column, one of {list(batch)}")
-            yield from split_document(text or "", chunk_chars)
+    try:
+        for batch in rows.iter(batch_size=1000):
+            if text_field not in batch:
+                raise PrepareError(f"no field {text_field!r} in the dataset; pass --text-field, one of {list(batch)}")
+            for text in batch[text_field]:
+                if text is not None and not isinstance(text, str):
+                    raise PrepareError(f"field {text_field!r} holds {type(text).__name__}, not text; pass "
+                                       f"--text-field with a text column, one of {list(batch)}")
+                yield from split_document(text or "", chunk_chars)
+    except UnicodeDecodeError as e:  # parquet strings that are not UTF-8 after all
+        raise PrepareError(f"invalid UTF-8 in field {text_field!r} ({e.reason}); re-encode the dataset as UTF-8")
 
 
 def read_pieces(cfg: Config, files: list[tuple[str, str]], stats: dict):
