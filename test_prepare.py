@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SHARED = Path(__file__).resolve().parent.parent / "shared"
+REPO = Path(__file__).resolve().parent
+SHARED = REPO.parent / "shared"
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
 
@@ -20,9 +21,9 @@ import tiktoken  # noqa: E402
 
 
 def run(tmp_path, *args, expect=0):
-    """Run prepare.py as a user would; datasets stays offline and caches inside tmp_path."""
+    """Run prepare.py as a user would, from tmp_path (so data/ is there); datasets stays offline."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "hf_cache"))
-    result = subprocess.run([sys.executable, "prepare.py", *map(str, args)], cwd=Path(__file__).parent,
+    result = subprocess.run([sys.executable, REPO / "prepare.py", *map(str, args)], cwd=tmp_path,
                             capture_output=True, text=True, env=env)
     assert result.returncode == expect, result.stderr
     return result
@@ -79,7 +80,7 @@ def test_num_proc_gives_the_same_bytes(tmp_path):
     # paragraphs of Shakespeare as ~7k documents, so val holds documents out and batches span many of them
     outs = [tmp_path / f"np{n}" for n in (1, 2)]
     for n, out in zip((1, 2), outs):
-        run(tmp_path, "--input", SHAKESPEARE, "--separator", "\n\n", "--out", out, "--num-proc", n,
+        run(tmp_path, "--input", SHAKESPEARE, "--separator", r"\n\n", "--out", out, "--num-proc", n,
             "--shard-tokens", 50_000, "--chunk-chars", 20_000)
     files = sorted(p.name for p in outs[0].glob("*.bin"))
     assert len(files) > 6 and files == sorted(p.name for p in outs[1].glob("*.bin"))
@@ -323,7 +324,28 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path):
         assert meta["replaced_bytes"] == replaced and enc.decode(splits["train"][1:].tolist()) == text
 
 
+def test_no_arguments_means_shakespeare(tmp_path):
+    result = subprocess.run([sys.executable, REPO / "prepare.py"], cwd=tmp_path, capture_output=True, text=True)
+    if result.returncode == 0:  # a machine with internet
+        meta, _ = load(tmp_path / "data" / "shakespeare-r50k_base")
+        assert meta["tokens"]["train"] + meta["tokens"]["val"] == 338_025 + 1
+    else:  # offline: it said what it tried, in one line
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: cannot download https://raw.githubusercontent.com/karpathy/char-rnn/")
+
+
+def test_url_input_is_downloaded_once(tmp_path):
+    (tmp_path / "page.txt").write_text("Fetched text.")
+    url = (tmp_path / "page.txt").as_uri()  # file://, which urllib fetches like http(s)://
+    run(tmp_path, "--input", url, "--val-fraction", 0)
+    meta, splits = load(tmp_path / "data" / "page-r50k_base")
+    assert tiktoken.get_encoding("r50k_base").decode(splits["train"][1:].tolist()) == "Fetched text."
+    (tmp_path / "page.txt").unlink()
+    run(tmp_path, "--input", url, "--val-fraction", 0)  # from data/downloads/ this time
+
+
 def test_import_needs_no_datasets():
     code = "import sys; sys.modules['datasets'] = None; import prepare; print('ok')"
-    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.stdout.strip() == "ok", result.stderr
