@@ -561,6 +561,9 @@ def prepare(cfg: Config) -> dict:
         train, val = (ShardWriter(out, split, dtype, cfg.shard_tokens, enc.eot_token) for split in ("train", "val"))
         stats, docs, ntok, writer = {"replaced_bytes": 0}, 0, 0, train
         t0 = shown = time.time()  # shown: when the progress line was last printed
+        def progress(end=""):
+            print(f"\r{docs:,} documents | {ntok:,} tokens | {ntok / (time.time() - t0):,.0f} tokens/s",
+                  end=end, file=sys.stderr)
         for ids, new_doc in tokenize_documents(enc, read_pieces(cfg, files, stats), dtype, cfg.num_proc,
                                                cfg.chunk_chars):
             if new_doc:
@@ -570,10 +573,9 @@ def prepare(cfg: Config) -> dict:
             ntok += len(ids)
             if time.time() - shown > 0.5:
                 shown = time.time()
-                print(f"\r{docs:,} documents | {ntok:,} tokens | {ntok / (shown - t0):,.0f} tokens/s",
-                      end="", file=sys.stderr)
+                progress()
         if shown > t0:
-            print(file=sys.stderr)
+            progress("\n")
         if ntok == 0:
             raise PrepareError(f"the corpus is empty: no text in {source}; check --input, --dataset, --text-field")
         if k and not val.documents:  # too few documents to hold any out: val is the token stream's tail

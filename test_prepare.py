@@ -241,8 +241,15 @@ def test_jsonl_and_parquet(tmp_path):
     assert [enc.decode(d) for d in documents(splits["val"], enc.eot_token)] == ROWS[9::10]
     assert [enc.decode(d) for d in documents(splits["train"], enc.eot_token)] == \
         [r for i, r in enumerate(ROWS) if i % 10 != 9]
-    for split in ("train_0000.bin", "val_0000.bin"):
-        assert (tmp_path / "docs_jsonl" / split).read_bytes() == (tmp_path / "docs_parquet" / split).read_bytes()
+    # --dataset takes what load_dataset takes: a hub name, or (offline) a folder of data files
+    (tmp_path / "dataset").mkdir()
+    (tmp_path / "docs.jsonl").rename(tmp_path / "dataset" / "train.jsonl")
+    for streaming in ([], ["--streaming"]):
+        run(tmp_path, "--dataset", tmp_path / "dataset", "--text-field", "body", "--val-fraction", 0.1,
+            "--out", tmp_path / f"dataset{len(streaming)}", *streaming)
+    for out in ("docs_parquet", "dataset0", "dataset1"):
+        for split in ("train_0000.bin", "val_0000.bin"):
+            assert (tmp_path / out / split).read_bytes() == (tmp_path / "docs_jsonl" / split).read_bytes()
 
 
 def test_folder_of_files(tmp_path):
