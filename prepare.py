@@ -205,7 +205,7 @@ def read_txt(path: str, separator: str | None, chunk_chars: int, stats: dict):
 
 
 def find_files(patterns: list[str]) -> list[tuple[str, str]]:
-    """Expand --input into (local path, kind) pairs; URLs are downloaded (and cached) by datasets."""
+    """Expand --input into (local path, kind) pairs, in order, each folder or glob sorted; URLs are fetched."""
     files = []
     for pattern in patterns:
         if "://" in pattern:
@@ -241,6 +241,8 @@ def download(url: str) -> str:
 
 
 def import_datasets():
+    # a streamed dataset would import torch (2-3 s, 300 MB) just to share a counter with DataLoader workers
+    os.environ.setdefault("USE_TORCH", "0")
     import datasets  # only here: train.py and sample.py import this module on machines without datasets
     datasets.logging.set_verbosity_error()
     return datasets
@@ -257,7 +259,7 @@ def load_hub(cfg: Config):
 def load_files(kind: str, paths: list[str], stats: dict):
     """Local .jsonl/.json ("json") or .parquet files, through datasets' packaged builders."""
     datasets = import_datasets()
-    datasets.disable_progress_bars()  # these load in seconds; keep stderr for our own progress line
+    datasets.disable_progress_bars()  # keep stderr for our own progress line
     options, replaced = {}, stats["replaced_bytes"]
     if kind == "json":  # JSON must be UTF-8 but pyarrow lets bad bytes through: count them as for .txt
         for path in paths:
@@ -268,8 +270,8 @@ def load_files(kind: str, paths: list[str], stats: dict):
             decoder.decode(b"", final=True)
     if stats["replaced_bytes"] > replaced:  # and have datasets replace them, which it only does for an
         options = dict(encoding="utf_8", encoding_errors="replace")  # encoding not spelled "utf-8"
-    try:
-        return datasets.load_dataset(kind, data_files=paths, split="train", **options)
+    try:  # streamed: read once, in order, without first copying them into datasets' Arrow cache
+        return datasets.load_dataset(kind, data_files=paths, split="train", streaming=True, **options)
     except Exception as e:
         raise PrepareError(f"cannot read {', '.join(paths)}: {one_line(e)}; check that it is valid {kind}")
 
