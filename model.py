@@ -259,11 +259,12 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-                 generator=None):
+                 generator=None, vocab_size=None):
         """Append up to max_new_tokens sampled tokens to idx (B, T); returns (B, T + new).
         The prompt is run once ("prefill") into a KV cache, then each step feeds one token.
         When the context fills, the cache restarts from the most recent half of the text.
-        Rows that emit eos_id keep emitting it; generation stops when every row has."""
+        Rows that emit eos_id keep emitting it; generation stops when every row has. vocab_size limits
+        sampling to the tokenizer's ids when the embedding is padded past them (for faster matmuls)."""
         B, T = idx.size()
         S_max = self.config.max_seq_len
         if T > S_max:
@@ -281,7 +282,7 @@ class Transformer(nn.Module):
             logits, _ = self(idx)                                                         # (B, 1, V)
             pos, done = T, torch.zeros(B, dtype=torch.bool, device=device)
             for step in range(max_new_tokens):
-                next_id = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B, 1)
+                next_id = sample_next(logits[:, -1, :vocab_size], temperature, top_k, top_p, generator)  # (B, 1)
                 if eos_id is not None:
                     next_id = next_id.masked_fill(done[:, None], eos_id)
                     done |= next_id[:, 0] == eos_id

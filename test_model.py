@@ -287,6 +287,16 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert support(1.0) == {0, 1, 2, 3, 4}
 
 
+def test_generate_never_samples_padding_ids():
+    model = random_model()
+    with torch.no_grad():  # final norm weight 0: every logit is 0, all 96 ids equally likely
+        model.norm.weight.zero_()
+    prompt = torch.zeros(4, 1, dtype=torch.long)
+    limited = model.generate(prompt, 30, generator=torch.Generator().manual_seed(0), vocab_size=90)
+    unlimited = model.generate(prompt, 30, generator=torch.Generator().manual_seed(0))
+    assert limited.max() < 90 <= unlimited.max()  # ids 90..95 pad the embedding past the tokenizer
+
+
 def test_sampling_with_a_seeded_generator_repeats():
     model = random_model()
     prompt = torch.zeros(1, 1, dtype=torch.long)

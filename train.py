@@ -614,7 +614,8 @@ def main(argv):
                 prompt = torch.full((1, 1), eot_id, dtype=torch.long, device=device)
                 with autocast:
                     out = raw_model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=200,
-                                             generator=torch.Generator(device).manual_seed(cfg.seed))
+                                             generator=torch.Generator(device).manual_seed(cfg.seed),
+                                             vocab_size=enc.n_vocab)
                 print0("sample:", repr(enc.decode(out[0, 1:].tolist())))
             if step > start_step:
                 improved = val_loss < best_val
