@@ -8,13 +8,11 @@ Sample from a trained model, or export it as a Hugging Face Llama.
     python sample.py --ckpt out/shakespeare/best.pt --export-hf hf/shakespeare
     python sample.py --hf-dir hf/shakespeare --prompt "ROMEO:"
 
-The checkpoint holds everything: model config, weights, and the tokenizer spec (a tiktoken name or
-inlined BPE ranks), so no data folder is needed. Tokens print as they are generated.
-
---export-hf writes config.json + model.safetensors (transformers' LlamaForCausalLM), tokenizer.json +
-tokenizer_config.json (AutoTokenizer, same ids as tiktoken) and generation_config.json. Our tokenizer
-spec goes into config.json under "tiktoken_spec" (BPE ranks into tokenizer.tiktoken beside it), which is
-how --hf-dir finds the tokenizer again; for other Llama folders name one with --tokenizer.
+A checkpoint holds all that sampling needs: config, weights, tokenizer spec (tiktoken name or inlined
+BPE ranks). --export-hf writes config.json + model.safetensors (LlamaForCausalLM), tokenizer.json +
+tokenizer_config.json (AutoTokenizer, the same ids as tiktoken), generation_config.json, and our spec
+as config.json["tiktoken_spec"] (BPE ranks beside it, in tokenizer.tiktoken): that is where --hf-dir
+looks. Other Llama folders need --tokenizer.
 """
 import argparse
 import base64
@@ -23,7 +21,6 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 import torch
 
@@ -36,11 +33,12 @@ def option(default, help, **argparse_kwargs):
 
 @dataclass
 class SampleConfig:
-    ckpt: str = option("", "checkpoint written by train.py, e.g. out/<run>/best.pt")
-    hf_dir: str = option("", "instead of --ckpt: a Llama folder (config.json + model.safetensors)")
-    tokenizer: str = option("", "tiktoken encoding for an --hf-dir folder without our spec, e.g. r50k_base")
-    prompt: str | None = option(None, "text to continue; with neither prompt option, ask in the terminal", type=str)
-    prompt_file: str = option("", "read the prompt from this file")
+    ckpt: str = option("", "checkpoint written by train.py, e.g. out/<run>/best.pt", metavar="PATH")
+    hf_dir: str = option("", "instead of --ckpt: a Llama folder (config.json + model.safetensors)", metavar="DIR")
+    tokenizer: str = option("", "tiktoken encoding for an --hf-dir folder without our spec, e.g. r50k_base", metavar="NAME")
+    prompt: str | None = option(None, "text to continue; with neither prompt option, ask in the terminal", type=str,
+                                metavar="TEXT")
+    prompt_file: str = option("", "read the prompt from this file", metavar="PATH")
     num_samples: int = option(1, "completions per prompt")
     max_new_tokens: int = option(200, "tokens per completion (fewer if end-of-text comes first)")
     temperature: float = option(0.8, "softmax temperature; 0 = greedy")
@@ -50,7 +48,7 @@ class SampleConfig:
     device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     dtype: str = option("float32", "autocast dtype; the weights stay fp32", choices=("float32", "bfloat16", "float16"))
     compile: bool = option(False, "torch.compile the model (pays off for long generations on a GPU)")
-    export_hf: str = option("", "write the model as a Hugging Face Llama folder here, then exit")
+    export_hf: str = option("", "write the model as a Hugging Face Llama folder here, then exit", metavar="DIR")
 
 
 def fail(message):
@@ -65,13 +63,12 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own errors (bad number, bad choice) in the same one-line form
         fail(f"{message} (see python sample.py --help)")
 
-class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
-
 def parse_args(argv=None):
-    parser = Parser(description=__doc__, formatter_class=Formatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(SampleConfig):
         flag, kwargs = "--" + f.name.replace("_", "-"), dict(f.metadata)
+        if f.default not in ("", None) and f.type is not bool:
+            kwargs["help"] += " (default: %(default)s)"
         if f.type is bool:
             parser.add_argument(flag, action="store_true", **kwargs)
         else:
@@ -98,7 +95,8 @@ def read_prompt(cfg):
     prompt = cfg.prompt
     if cfg.prompt_file:
         try:
-            prompt = Path(cfg.prompt_file).read_text(encoding="utf-8")
+            with open(cfg.prompt_file, encoding="utf-8") as f:
+                prompt = f.read()
         except (OSError, UnicodeDecodeError) as e:
             fail(f"cannot read --prompt-file: {one_line(e)}")
     if prompt == "":
@@ -114,14 +112,19 @@ def pick_device(name):
     try:
         device = torch.device(name)
     except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
         fail(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     present = {"cpu": True, "mps": torch.backends.mps.is_available(),
                "cuda": torch.cuda.device_count() > (device.index or 0)}
-    if not present[device.type]:
-        fail(f"--device {name} is not available on this machine; try --device auto")
+    if not present.get(device.type):
+        fail(f"--device {name} is not available here; use auto, cpu, cuda, cuda:N or mps")
     return device
+
+def safetensors_torch():
+    try:  # optional: only the Hugging Face format needs it
+        import safetensors.torch
+    except ImportError:
+        fail("the Hugging Face format needs safetensors: pip install safetensors")
+    return safetensors.torch
 
 # --- Loading -----------------------------------------------------------------
 
@@ -142,11 +145,10 @@ def load_checkpoint(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated copy, or not a torch.save file at all
         fail(f"cannot read checkpoint {path} ({one_line(e)}); is the file complete?")
-    keys = ("version", "model", "model_config", "tokenizer", "eot_id")
-    missing = [k for k in keys if k not in ckpt] if isinstance(ckpt, dict) else list(keys)
+    ckpt = ckpt if isinstance(ckpt, dict) else {}
+    missing = [k for k in ("version", "model", "model_config", "tokenizer", "eot_id") if k not in ckpt]
     if missing or ckpt["version"] != 1:
-        version = ckpt.get("version") if isinstance(ckpt, dict) else None
-        fail(f"{path} is not a version-1 checkpoint of this repo (version={version}, missing keys: "
+        fail(f"{path} is not a version-1 checkpoint of this repo (version={ckpt.get('version')}, missing keys: "
              f"{missing or 'none'}); use the sample.py of the version that wrote it")
     try:
         model = Transformer(ModelConfig(**ckpt["model_config"]))
@@ -158,21 +160,15 @@ def load_checkpoint(path):
 
 def load_hf_dir(folder, tokenizer_name):
     """(model, tokenizer, spec, eot_id) from a Llama folder in Hugging Face's format."""
-    config_path, weights_path = os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors")
-    if not (os.path.isfile(config_path) and os.path.isfile(weights_path)):
-        fail(f"{folder} lacks config.json or model.safetensors (write such a folder with --export-hf)")
+    load_file = safetensors_torch().load_file
     try:
-        from safetensors.torch import load_file
-    except ImportError:
-        fail("--hf-dir needs safetensors: pip install safetensors")
-    try:
-        with open(config_path) as f:
+        with open(os.path.join(folder, "config.json")) as f:
             hf_config = json.load(f)
-        state, cfg = from_hf(load_file(weights_path), hf_config)
+        state, cfg = from_hf(load_file(os.path.join(folder, "model.safetensors")), hf_config)
         model = Transformer(cfg)
         model.load_state_dict(state)  # copies into the fp32 parameters, whatever the file's dtype
     except Exception as e:
-        fail(f"cannot load {folder} as a Llama: {one_line(e)}")
+        fail(f"cannot load {folder} as a Llama (config.json + model.safetensors): {one_line(e)}")
     if tokenizer_name:
         spec = {"kind": "tiktoken", "name": tokenizer_name}
     elif "tiktoken_spec" in hf_config:
@@ -204,7 +200,7 @@ def stream(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, genera
             if next_id.item() == eos_id:
                 return
             yield next_id.item()
-            if step == max_new_tokens - 1:
+            if step == max_new_tokens - 1:  # no forward for a token that will not be sampled
                 return
             idx = torch.cat([idx, next_id], dim=1)
             if pos == cfg.max_seq_len:
@@ -267,25 +263,14 @@ def bytes_to_unicode():
     moved = [b for b in range(256) if b not in keep]
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
 
-def mergeable_ranks(enc):
-    """{token bytes: id} of the ordinary tokens, via public tiktoken calls (ids may have gaps)."""
-    specials, ranks = {enc.encode_single_token(s) for s in enc.special_tokens_set}, {}
-    for i in range(enc.n_vocab):
-        try:
-            if i not in specials:
-                ranks[enc.decode_single_token_bytes(i)] = i
-        except KeyError:
-            pass
-    return ranks
-
-def write_hf_tokenizer(enc, ranks, eot_id, max_seq_len, folder):
+def write_hf_tokenizer(enc, eot_id, max_seq_len, folder):
     """tokenizer.json + tokenizer_config.json that encode like enc, if `tokenizers` is installed."""
     try:
         from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     except ImportError:
         print("note: no tokenizer.json: the `tokenizers` package is missing (pip install transformers)")
         return
-    char = bytes_to_unicode()
+    char, ranks = bytes_to_unicode(), enc._mergeable_ranks  # {token bytes: id}; tiktoken has no public getter
     def as_str(token):
         return "".join(char[b] for b in token)
     specials = {s: enc.encode_single_token(s) for s in enc.special_tokens_set}
@@ -296,7 +281,7 @@ def write_hf_tokenizer(enc, ranks, eot_id, max_seq_len, folder):
     # ignore_merges: a regex piece that is itself a token is taken whole, as tiktoken does.
     tok = Tokenizer(models.BPE({**{as_str(t): i for t, i in ranks.items()}, **specials}, merges, ignore_merges=True))
     tok.pre_tokenizer = pre_tokenizers.Sequence([  # tiktoken's split regex, then bytes -> characters
-        pre_tokenizers.Split(Regex(enc._pat_str), behavior="isolated"),  # no public getter for it
+        pre_tokenizers.Split(Regex(enc._pat_str), behavior="isolated"),  # (nor for this)
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
@@ -311,19 +296,15 @@ def write_json(folder, name, obj):
         json.dump(obj, f, indent=2)
 
 def export_hf(model, enc, spec, eot_id, folder):
-    try:
-        from safetensors.torch import save_file
-    except ImportError:
-        fail("--export-hf needs safetensors: pip install safetensors")
+    save_file = safetensors_torch().save_file
     try:
         state, config = to_hf(model.state_dict(), model.config)
     except ValueError as e:
         fail(f"cannot export: {e}; Hugging Face Llama has no such variant")
     os.makedirs(folder, exist_ok=True)
-    ranks = mergeable_ranks(enc)
     if spec["kind"] == "bpe":  # the ranks go beside config.json rather than inside it
         with open(os.path.join(folder, "tokenizer.tiktoken"), "w") as f:
-            f.writelines(f"{base64.b64encode(t).decode()} {i}\n" for t, i in ranks.items())
+            f.writelines(f"{base64.b64encode(t).decode()} {i}\n" for t, i in enc._mergeable_ranks.items())
         spec = {**{k: v for k, v in spec.items() if k not in ("ranks", "ranks_file")}, "ranks_file": "tokenizer.tiktoken"}
     save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, "model.safetensors"),
               metadata={"format": "pt"})
@@ -331,7 +312,7 @@ def export_hf(model, enc, spec, eot_id, folder):
     write_json(folder, "config.json", {**config, "bos_token_id": eot_id, "eos_token_id": eot_id,
                                        "torch_dtype": "float32", "dtype": "float32", "tiktoken_spec": spec})
     write_json(folder, "generation_config.json", {"bos_token_id": eot_id, "eos_token_id": eot_id})
-    write_hf_tokenizer(enc, ranks, eot_id, model.config.max_seq_len, folder)
+    write_hf_tokenizer(enc, eot_id, model.config.max_seq_len, folder)
     print(f"wrote {', '.join(sorted(os.listdir(folder)))} to {folder}")
 
 # -----------------------------------------------------------------------------
