@@ -270,7 +270,8 @@ def write_hf_tokenizer(enc, eot_id, max_seq_len, folder):
     except ImportError:
         print("note: no tokenizer.json: the `tokenizers` package is missing (pip install transformers)")
         return
-    char, ranks = bytes_to_unicode(), enc._mergeable_ranks  # {token bytes: id}; tiktoken has no public getter
+    # {token bytes: id} and the split regex: tiktoken has no public getters for them
+    char, ranks, pattern = bytes_to_unicode(), enc._mergeable_ranks, enc._pat_str
     def as_str(token):
         return "".join(char[b] for b in token)
     specials = {s: enc.encode_single_token(s) for s in enc.special_tokens_set}
@@ -281,7 +282,7 @@ def write_hf_tokenizer(enc, eot_id, max_seq_len, folder):
     # ignore_merges: a regex piece that is itself a token is taken whole, as tiktoken does.
     tok = Tokenizer(models.BPE({**{as_str(t): i for t, i in ranks.items()}, **specials}, merges, ignore_merges=True))
     tok.pre_tokenizer = pre_tokenizers.Sequence([  # tiktoken's split regex, then bytes -> characters
-        pre_tokenizers.Split(Regex(enc._pat_str), behavior="isolated"),  # (nor for this)
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])

@@ -119,6 +119,7 @@ def test_greedy_cli_is_the_argmax_of_full_forwards(r50k_ckpt, capsys):
     model, enc, _, _ = sample.load_checkpoint(r50k_ckpt)
     prompt = "First Citizen:\nBefore we proceed"
     new = full_forward_greedy(model.eval(), enc.encode(prompt), 25, R50K_EOT)
+    assert len(new) > 10
     expected = prompt + enc.decode(new) + "\n" + "-" * 40 + "\n"
     greedy = run_main(capsys, "--ckpt", r50k_ckpt, "--prompt", prompt, "--max-new-tokens", 25, "--temperature", 0)
     assert greedy.out == expected
@@ -159,7 +160,17 @@ def test_decode_stream_never_prints_half_characters():
     assert len(ids) > len(text.split())  # the emoji are split over several tokens ...
     assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
     assert "" in pieces  # ... so some tokens print nothing until their character completes
-    assert "".join(sample.decode_stream(enc, [ids[-2]])) == enc.decode([ids[-2]])  # lone half: U+FFFD
+    half = enc.encode("🦙")[0]  # b"\xf0\x9f": the start of a 4-byte character, never completed
+    assert "".join(sample.decode_stream(enc, [half])) == enc.decode([half]) == "\ufffd"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_autocast_samples(small_ckpt, capsys, dtype):
+    """--dtype runs under autocast, where k and v come out in the low dtype: a cache allocated in fp32
+    would make attention fail (query and key dtypes differ) at the first decode step."""
+    out = run_main(capsys, "--ckpt", small_ckpt, "--prompt", " the", "--max-new-tokens", 20, "--temperature", 0,
+                   "--dtype", dtype).out
+    assert out.startswith(" the") and len(out) > len(" the\n" + "-" * 40) + 10
 
 # -----------------------------------------------------------------------------
 # Hugging Face export and --hf-dir
