@@ -165,12 +165,19 @@ def test_decode_stream_never_prints_half_characters():
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_low_precision_autocast_samples(small_ckpt, capsys, dtype):
-    """--dtype runs under autocast, where k and v come out in the low dtype: a cache allocated in fp32
-    would make attention fail (query and key dtypes differ) at the first decode step."""
+def test_low_precision_autocast(small_ckpt, capsys, dtype):
+    """--dtype samples under autocast, where k and v come out in the low dtype and the KV cache
+    stores them so (as in model.generate): half the memory of fp32."""
     out = run_main(capsys, "--ckpt", small_ckpt, "--prompt", " the", "--max-new-tokens", 20, "--temperature", 0,
                    "--dtype", dtype).out
     assert out.startswith(" the") and len(out) > len(" the\n" + "-" * 40) + 10
+    model, enc, _, eot = sample.load_checkpoint(small_ckpt)
+    with torch.autocast("cpu", dtype=getattr(torch, dtype)):
+        tokens = sample.stream(model.eval(), torch.tensor([enc.encode(" the")]), 5, 0, None, None, eot, None)
+        next(tokens)  # paused after the first new token, with its cache in place
+        assert model.layers[0].self_attn.cache.k.dtype == getattr(torch, dtype)
+        list(tokens)
+    assert all(layer.self_attn.cache is None for layer in model.layers)  # and gone when done
 
 # -----------------------------------------------------------------------------
 # Hugging Face export and --hf-dir
