@@ -107,16 +107,14 @@ def read_prompt(cfg):
 
 def pick_device(name):
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else
-                            "mps" if torch.backends.mps.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
         device = torch.device(name)
-    except RuntimeError:
-        fail(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
-    present = {"cpu": True, "mps": torch.backends.mps.is_available(),
-               "cuda": torch.cuda.device_count() > (device.index or 0)}
-    if not present.get(device.type):
-        fail(f"--device {name} is not available here; use auto, cpu, cuda, cuda:N or mps")
+        torch.empty(0, device=device)  # a device this machine lacks fails here
+    except (RuntimeError, AssertionError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        fail(f"--device {name} is unknown or not on this machine; use auto, cpu, cuda, cuda:N or mps")
     return device
 
 def safetensors_torch():

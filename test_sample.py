@@ -270,7 +270,7 @@ ERRORS = {  # name: (arguments, with {d} for the folder of files error_runs writ
     "top-k": (["--ckpt", "{d}/good.pt", *P, "--top-k", "0"], "--top-k=0 must be >= 1"),
     "num-samples": (["--ckpt", "{d}/good.pt", *P, "--num-samples", "0"], "--num-samples=0 must be >= 1"),
     "max-new-tokens": (["--ckpt", "{d}/good.pt", *P, "--max-new-tokens", "0"], "--max-new-tokens=0 must be >= 1"),
-    "device": (["--ckpt", "{d}/good.pt", *P, "--device", "tpu"], "unknown --device 'tpu'"),
+    "device": (["--ckpt", "{d}/good.pt", *P, "--device", "tpu"], "--device tpu is unknown or not on this machine"),
     "dtype": (["--ckpt", "{d}/good.pt", *P, "--dtype", "float8"], "invalid choice: 'float8'"),
     "not-a-number": (["--ckpt", "{d}/good.pt", *P, "--top-k", "many"], "invalid int value: 'many'"),
     "export-ablation": (["--ckpt", "{d}/learned.pt", "--export-hf", "{d}/out"], "pos_emb=learned"),
