@@ -181,10 +181,11 @@ def load_hf_dir(folder, tokenizer_name):
 # --- Generation --------------------------------------------------------------
 
 @torch.no_grad()
-def stream(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator):
+def stream(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, vocab_size=None):
     """Yield new token ids for idx (1, T) one at a time, stopping before eos_id. This is
     Transformer.generate's loop (same cache, same random draws, same restart from the recent half
-    when the context fills) as a Python generator, so each token can print as soon as it exists."""
+    when the context fills) as a Python generator, so each token can print as soon as it exists.
+    vocab_size: sample among the tokenizer's ids only, when the embedding is padded past them."""
     cfg, device = model.config, idx.device
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else torch.float32
     for layer in model.layers:
@@ -194,7 +195,7 @@ def stream(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, genera
         logits, _ = model(idx)                                                            # (1, 1, V)
         pos = idx.size(1)
         for step in range(max_new_tokens):
-            next_id = sample_next(logits[:, -1], temperature, top_k, top_p, generator)   # (1, 1)
+            next_id = sample_next(logits[:, -1, :vocab_size], temperature, top_k, top_p, generator)  # (1, 1)
             if next_id.item() == eos_id:
                 return
             yield next_id.item()
@@ -220,7 +221,7 @@ def decode_stream(enc, ids):
     for t in ids:
         try:
             data = enc.decode_single_token_bytes(t)
-        except KeyError:  # a padding id past the tokenizer's vocabulary (vocab_size rounded up)
+        except KeyError:  # an id the tokenizer lacks (a gap in its ranks, a padding id)
             data = b""
         yield utf8.decode(data)
     yield utf8.decode(b"", final=True)
@@ -247,7 +248,8 @@ def complete(model, enc, prompt, cfg, eot_id, generator):
     idx = torch.tensor([ids], device=generator.device)                                   # (1, T)
     for _ in range(cfg.num_samples):
         print(prompt, end="", flush=True)
-        new_ids = stream(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, eot_id, generator)
+        new_ids = stream(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, eot_id, generator,
+                         vocab_size=enc.n_vocab)
         for piece in decode_stream(enc, new_ids):
             print(piece, end="", flush=True)
         print("\n" + "-" * 40, flush=True)

@@ -85,12 +85,17 @@ def run_main(capsys, *args):
     return capsys.readouterr()
 
 
+def full_logits_last(model, idx):
+    """Logits (V,) at the last position of idx (1, T), from a forward over all of idx (no cache)."""
+    return model(idx, targets=torch.zeros_like(idx))[0][0, -1]
+
+
 def full_forward_greedy(model, ids, n, eot_id):
     """Reference greedy decoding: a full forward over the whole sequence for every new token."""
     idx = torch.tensor([ids])
     with torch.no_grad():
         for _ in range(n):
-            next_id = model(idx, targets=torch.zeros_like(idx))[0][0, -1].argmax()
+            next_id = full_logits_last(model, idx).argmax()
             if next_id == eot_id:
                 break
             idx = torch.cat([idx, next_id.view(1, 1)], dim=1)
@@ -129,6 +134,25 @@ def test_greedy_cli_is_the_argmax_of_full_forwards(r50k_ckpt, capsys):
         out = run_main(capsys, "--ckpt", r50k_ckpt, "--prompt", prompt, "--max-new-tokens", 25,
                        "--temperature", 1.5, option, value).out
         assert out == expected, option
+
+
+def test_padding_ids_are_never_sampled(tmp_path, capsys):
+    """vocab_size rounded up past the tokenizer (50257 -> 50304 for speed) adds ids that no text has;
+    sampling skips them. Here 40 padding ids on top of the small BPE's."""
+    ckpt = write_checkpoint(tmp_path / "ckpt.pt", SMALL_BPE, SMALL_EOT, seed=1, vocab_size=SMALL_EOT + 41)
+    model, enc, _, _ = sample.load_checkpoint(ckpt)
+    prompt = enc.encode(" the hello")
+    unrestricted = model.eval().generate(torch.tensor([prompt]), 30, temperature=0)[0, len(prompt):]
+    assert (unrestricted > SMALL_EOT).any()  # this random model would pick padding ids
+    with torch.no_grad():  # reference: greedy over the tokenizer's ids, full forward each step
+        idx = torch.tensor([prompt])
+        for _ in range(30):
+            next_id = full_logits_last(model, idx)[:SMALL_EOT + 1].argmax()
+            if next_id == SMALL_EOT:
+                break
+            idx = torch.cat([idx, next_id.view(1, 1)], dim=1)
+    out = run_main(capsys, "--ckpt", ckpt, "--prompt", " the hello", "--max-new-tokens", 30, "--temperature", 0).out
+    assert out == " the hello" + enc.decode(idx[0, len(prompt):].tolist()) + "\n" + "-" * 40 + "\n"
 
 
 def test_same_seed_same_text(small_ckpt, capsys):
