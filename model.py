@@ -258,12 +258,18 @@ class Transformer(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-                 generator=None, vocab_size=None):
-        """Append up to max_new_tokens sampled tokens to idx (B, T); returns (B, T + new).
-        The prompt is run once ("prefill") into a KV cache, then each step feeds one token.
-        When the context fills, the cache restarts from the most recent half of the text.
-        Rows that emit eos_id keep emitting it; generation stops when every row has. vocab_size limits
+    def generate(self, idx, max_new_tokens, **sampling):
+        """idx (B, T) followed by up to max_new_tokens sampled tokens: (B, T + new). The sampling
+        options (temperature, top_k, top_p, eos_id, generator, vocab_size) are generate_stream's."""
+        return torch.cat([idx, *self.generate_stream(idx, max_new_tokens, **sampling)], dim=1)
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
+                        generator=None, vocab_size=None):
+        """Yield the next token ids (B, 1) continuing idx (B, T), one step at a time (sample.py prints
+        them as they come). The prompt runs once ("prefill") into a KV cache, then each step feeds
+        one token; when the context is full the cache restarts from the most recent half of the text.
+        A row that emits eos_id repeats it; the stream ends when every row has. vocab_size limits
         sampling to the tokenizer's ids when the embedding is padded past them (for faster matmuls)."""
         B, T = idx.size()
         S_max = self.config.max_seq_len
@@ -286,9 +292,10 @@ class Transformer(nn.Module):
                 if eos_id is not None:
                     next_id = next_id.masked_fill(done[:, None], eos_id)
                     done |= next_id[:, 0] == eos_id
-                idx = torch.cat([idx, next_id], dim=1)
+                yield next_id
                 if step == max_new_tokens - 1 or (eos_id is not None and done.all()):
                     break
+                idx = torch.cat([idx, next_id], dim=1)
                 if pos == S_max:  # context full: re-encode the recent half and go on from there
                     recent = idx[:, -max(1, S_max // 2):]
                     logits, _ = self(recent)
@@ -300,7 +307,6 @@ class Transformer(nn.Module):
             for layer in self.layers:
                 layer.self_attn.cache = None
             self.train(was_training)
-        return idx
 
     def num_params(self, embeddings=True):
         """Parameter count. embeddings=False leaves out the token and position embeddings and an

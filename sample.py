@@ -17,6 +17,7 @@ looks. Other Llama folders need --tokenizer.
 import argparse
 import base64
 import codecs
+import itertools
 import json
 import os
 import sys
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from model import KVCache, ModelConfig, Transformer, from_hf, sample_next, to_hf
+from model import ModelConfig, Transformer, from_hf, to_hf
 from prepare import load_tokenizer
 
 
@@ -181,38 +182,6 @@ def load_hf_dir(folder, tokenizer_name):
 # --- Generation --------------------------------------------------------------
 
 @torch.no_grad()
-def stream(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, vocab_size=None):
-    """Yield new token ids for idx (1, T) one at a time, stopping before eos_id. This is
-    Transformer.generate's loop (same cache, same random draws, same restart from the recent half
-    when the context fills) as a Python generator, so each token can print as soon as it exists.
-    vocab_size: sample among the tokenizer's ids only, when the embedding is padded past them."""
-    cfg, device = model.config, idx.device
-    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else torch.float32
-    for layer in model.layers:
-        layer.self_attn.cache = KVCache(1, cfg.n_kv_head, min(cfg.max_seq_len, idx.size(1) + max_new_tokens),
-                                        cfg.head_dim, dtype, device)
-    try:
-        logits, _ = model(idx)                                                            # (1, 1, V)
-        pos = idx.size(1)
-        for step in range(max_new_tokens):
-            next_id = sample_next(logits[:, -1, :vocab_size], temperature, top_k, top_p, generator)  # (1, 1)
-            if next_id.item() == eos_id:
-                return
-            yield next_id.item()
-            if step == max_new_tokens - 1:  # no forward for a token that will not be sampled
-                return
-            idx = torch.cat([idx, next_id], dim=1)
-            if pos == cfg.max_seq_len:
-                recent = idx[:, -max(1, cfg.max_seq_len // 2):]
-                logits, _ = model(recent)
-                pos = recent.size(1)
-            else:
-                logits, _ = model(next_id, pos=pos)
-                pos += 1
-    finally:
-        for layer in model.layers:
-            layer.self_attn.cache = None
-
 def decode_stream(enc, ids):
     """Text of a stream of token ids, in pieces of complete characters: a token can end inside a
     multi-byte UTF-8 character (r50k_base splits most emoji over 2-3 tokens), so its bytes wait for
@@ -248,8 +217,9 @@ def complete(model, enc, prompt, cfg, eot_id, generator):
     idx = torch.tensor([ids], device=generator.device)                                   # (1, T)
     for _ in range(cfg.num_samples):
         print(prompt, end="", flush=True)
-        new_ids = stream(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, eot_id, generator,
-                         vocab_size=enc.n_vocab)
+        steps = model.generate_stream(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                                      top_p=cfg.top_p, eos_id=eot_id, generator=generator, vocab_size=enc.n_vocab)
+        new_ids = itertools.takewhile(lambda t: t != eot_id, (int(t) for t in steps))  # eot ends a sample
         for piece in decode_stream(enc, new_ids):
             print(piece, end="", flush=True)
         print("\n" + "-" * 40, flush=True)
