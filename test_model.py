@@ -684,14 +684,14 @@ def byte_data(tmp_path_factory):
     return out
 
 
-TINY_RUN = ["--n_layer=2", "--n_embd=32", "--n_head=4", "--n_kv_head=2", "--max_seq_len=32", "--batch_size=4",
-            "--log_every=1", "--eval_batches=2", "--sample_tokens=0", "--warmup_iters=0", "--min_lr_ratio=1"]
+TINY_RUN = ["--n-layer=2", "--n-embd=32", "--n-head=4", "--n-kv-head=2", "--max-seq-len=32", "--batch-size=4",
+            "--log-every=1", "--eval-batches=2", "--sample-tokens=0", "--warmup-iters=0", "--min-lr-ratio=1"]
 
 
 def train(data, out, *args, torchrun=None, **kwargs):
     launcher = [sys.executable, "train.py"] if torchrun is None else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", "train.py"]
-    return run(launcher + [f"--data={data}", f"--out_dir={out}", *TINY_RUN, *args], **kwargs)
+    return run(launcher + [f"--data={data}", f"--out-dir={out}", *TINY_RUN, *args], **kwargs)
 
 
 def losses(out):
@@ -701,21 +701,21 @@ def losses(out):
 
 def test_resume_continues_exactly(byte_data, tmp_path):
     # Dropout makes the run depend on the RNG state too, which the checkpoint must restore.
-    common = ["--dropout=0.1", "--eval_every=3"]
-    straight = train(byte_data, tmp_path / "a", "--max_iters=6", *common)
+    common = ["--dropout=0.1", "--eval-every=3"]
+    straight = train(byte_data, tmp_path / "a", "--max-iters=6", *common)
     assert straight.returncode == 0, straight.stderr
-    first = train(byte_data, tmp_path / "b", "--max_iters=3", *common)
+    first = train(byte_data, tmp_path / "b", "--max-iters=3", *common)
     assert first.returncode == 0, first.stderr
-    second = train(byte_data, tmp_path / "b", "--resume", "--max_iters=6")
+    second = train(byte_data, tmp_path / "b", "--resume", "--max-iters=6")
     assert second.returncode == 0, second.stderr
     assert len(losses(tmp_path / "a")) == 6
     assert losses(tmp_path / "b") == losses(tmp_path / "a")  # exact equality on CPU
 
 
 def test_two_processes_equal_one_process_with_accumulation(byte_data, tmp_path):
-    one = train(byte_data, tmp_path / "one", "--max_iters=3", "--batch_tokens=256", "--eval_every=3")
+    one = train(byte_data, tmp_path / "one", "--max-iters=3", "--batch-tokens=256", "--eval-every=3")
     assert one.returncode == 0, one.stderr
-    two = train(byte_data, tmp_path / "two", "--max_iters=3", "--eval_every=3", torchrun=2)
+    two = train(byte_data, tmp_path / "two", "--max-iters=3", "--eval-every=3", torchrun=2)
     assert two.returncode == 0, two.stderr
     assert "2 process(es), 1 micro-batch" in two.stdout and "1 process(es), 2 micro-batch" in one.stdout
     (a, b) = losses(tmp_path / "one"), losses(tmp_path / "two")
@@ -724,7 +724,7 @@ def test_two_processes_equal_one_process_with_accumulation(byte_data, tmp_path):
 
 
 def test_loss_falls_and_checkpoint_loads_with_weights_only(byte_data, tmp_path):
-    result = train(byte_data, tmp_path / "run", "--max_iters=40", "--eval_every=20", "--lr=3e-3")
+    result = train(byte_data, tmp_path / "run", "--max-iters=40", "--eval-every=20", "--lr=3e-3")
     assert result.returncode == 0, result.stderr
     with open(tmp_path / "run" / "log.jsonl") as f:
         vals = [r["val_loss"] for r in map(json.loads, f) if "val_loss" in r]
@@ -738,8 +738,8 @@ def test_loss_falls_and_checkpoint_loads_with_weights_only(byte_data, tmp_path):
 
 def test_sigterm_saves_a_checkpoint_and_resume_continues(byte_data, tmp_path):
     out = tmp_path / "run"
-    args = [sys.executable, "train.py", f"--data={byte_data}", f"--out_dir={out}", *TINY_RUN,
-            "--max_iters=100000", "--eval_every=100000"]
+    args = [sys.executable, "train.py", f"--data={byte_data}", f"--out-dir={out}", *TINY_RUN,
+            "--max-iters=100000", "--eval-every=100000"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not ((out / "log.jsonl").exists() and len(losses(out)) >= 3):
@@ -751,16 +751,16 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(byte_data, tmp_path):
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     saved = ckpt["step"]
     assert saved >= 3 and [s for s, _ in losses(out)][-1] == saved
-    resumed = train(byte_data, out, "--resume", f"--max_iters={saved + 2}")
+    resumed = train(byte_data, out, "--resume", f"--max-iters={saved + 2}")
     assert resumed.returncode == 0, resumed.stderr
     assert [s for s, _ in losses(out)][-2:] == [saved + 1, saved + 2]
 
 
 def test_nonfinite_loss_stops_and_keeps_the_checkpoint(byte_data, tmp_path):
     out = tmp_path / "run"
-    assert train(byte_data, out, "--max_iters=2", "--eval_every=2").returncode == 0
+    assert train(byte_data, out, "--max-iters=2", "--eval-every=2").returncode == 0
     # An absurd learning rate without clipping blows the weights up within a few steps.
-    result = train(byte_data, out, "--resume", "--max_iters=50", "--lr=1e6", "--grad_clip=0", "--eval_every=1")
+    result = train(byte_data, out, "--resume", "--max-iters=50", "--lr=1e6", "--grad-clip=0", "--eval-every=1")
     assert result.returncode == 1, result.stdout + result.stderr
     bad_step = int(re.search(r"loss is nan at step (\d+)", result.stderr).group(1))
     # The checkpoint on disk is the last good state: saved before the bad step, and finite.
@@ -770,25 +770,25 @@ def test_nonfinite_loss_stops_and_keeps_the_checkpoint(byte_data, tmp_path):
 
 
 def test_train_errors_are_one_line(byte_data, tmp_path):
-    assert_user_error(train(byte_data, tmp_path / "x", "--max_iters=1", "--learning_rate=1"),
-                      "unknown setting '--learning_rate=1'", "--lr")
-    assert_user_error(train(byte_data, tmp_path / "x", "--max_iters=1", "--lr=fast"), "--lr='fast' is not a valid float")
-    assert_user_error(train(byte_data, tmp_path / "x", "--max_iters=1", "--n_head=3"),
+    assert_user_error(train(byte_data, tmp_path / "x", "--max-iters=1", "--learning-rate=1"),
+                      "unknown setting '--learning-rate=1'", "--lr")
+    assert_user_error(train(byte_data, tmp_path / "x", "--max-iters=1", "--lr=fast"), "--lr='fast' is not a valid float")
+    assert_user_error(train(byte_data, tmp_path / "x", "--max-iters=1", "--n-head=3"),
                       "n_embd=32 is not divisible by n_head=3")
-    assert_user_error(train(byte_data, tmp_path / "x", "--max_iters=1", "--vocab_size=200"),
+    assert_user_error(train(byte_data, tmp_path / "x", "--max-iters=1", "--vocab-size=200"),
                       "vocabulary (257 tokens", "vocab_size=200")
-    assert_user_error(train(byte_data, tmp_path / "x", "--max_iters=1", "--batch_tokens=100"),
-                      "--batch_tokens=100 is not a multiple")
-    assert_user_error(train(tmp_path / "nowhere", tmp_path / "x", "--max_iters=1"), "meta.json", "prepare.py")
+    assert_user_error(train(byte_data, tmp_path / "x", "--max-iters=1", "--batch_tokens=100"),  # underscores work too
+                      "--batch-tokens=100 is not a multiple")
+    assert_user_error(train(tmp_path / "nowhere", tmp_path / "x", "--max-iters=1"), "meta.json", "prepare.py")
     # A truncated shard, then one whose tokens do not fit the vocabulary.
     bad = tmp_path / "bad"
     shutil.copytree(byte_data, bad)
     shard = bad / "train_0000.bin"
     shard.write_bytes(shard.read_bytes()[:-10])
-    assert_user_error(train(bad, tmp_path / "x", "--max_iters=1"), "train_0000.bin", "truncated or corrupt")
+    assert_user_error(train(bad, tmp_path / "x", "--max-iters=1"), "train_0000.bin", "truncated or corrupt")
     shard.write_bytes(np.full(len(shard.read_bytes()) // 2 + 5, 60000, dtype=np.uint16).tobytes())
-    assert_user_error(train(bad, tmp_path / "x", "--max_iters=1"), "token id 60000 >= vocab_size=320")
-    assert_user_error(train(byte_data, tmp_path / "none", "--resume", "--max_iters=1"), "no checkpoint at")
+    assert_user_error(train(bad, tmp_path / "x", "--max-iters=1"), "token id 60000 >= vocab_size=320")
+    assert_user_error(train(byte_data, tmp_path / "none", "--resume", "--max-iters=1"), "no checkpoint at")
 
 
 def test_lr_schedule_and_epoch_order():
@@ -1181,13 +1181,13 @@ def test_hellaswag_overfit_model_is_always_right_constant_model_breaks_ties_firs
 
 def test_eval_only_sharded_over_two_processes_equals_one(byte_data, tmp_path):
     out = tmp_path / "run"
-    assert train(byte_data, out, "--max_iters=2", "--eval_every=2").returncode == 0
+    assert train(byte_data, out, "--max-iters=2", "--eval-every=2").returncode == 0
     path = hellaswag_file(tmp_path)
     records = []
     for procs in (None, 2):
         shutil.copy(out / "ckpt.pt", tmp_path / f"ckpt{procs}.pt")
-        result = train(byte_data, out, "--eval_only", f"--ckpt={tmp_path / f'ckpt{procs}.pt'}",
-                       f"--hellaswag_path={path}", torchrun=procs)
+        result = train(byte_data, out, "--eval-only", f"--ckpt={tmp_path / f'ckpt{procs}.pt'}",
+                       f"--hellaswag-path={path}", torchrun=procs)
         assert result.returncode == 0, result.stderr
         assert "hellaswag_acc_norm" in result.stdout
         with open(tmp_path / "log.jsonl") as f:

@@ -7,11 +7,11 @@ laptop CPU to many GPUs on many nodes, through torch.distributed (torchrun), not
     torchrun --standalone --nproc_per_node=8 train.py --preset=gpt2_small  # 8 GPUs
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
         train.py --preset=gpt2_small                  # the same line on every node
-    python train.py --out_dir=out/shakespeare --resume  # continue a run exactly where it stopped
-    python train.py --eval_only --ckpt=out/shakespeare/best.pt --hellaswag_path=hellaswag_val.jsonl
+    python train.py --out-dir=out/shakespeare --resume  # continue a run exactly where it stopped
+    python train.py --eval-only --ckpt=out/shakespeare/best.pt --hellaswag-path=hellaswag_val.jsonl
 
-Settings are the fields of TrainConfig below and of ModelConfig (model.py), given as --key=value
-(--key value and --key-name work too; a bare --flag sets a bool). --preset picks a group first.
+Settings are the fields of TrainConfig below and of ModelConfig (model.py), given as --field-name=value
+(--field-name value and --field_name work too; a bare --flag sets a bool). --preset picks a group first.
 """
 import json
 import math
@@ -45,7 +45,7 @@ class TrainConfig:
     out_dir: str = "out/shakespeare"
     resume: bool = False             # continue from out_dir/ckpt.pt (its settings, plus the flags given)
     eval_only: bool = False          # evaluate --ckpt (val loss, perplexity, HellaSwag) and exit
-    ckpt: str = ""                   # the checkpoint --eval_only reads
+    ckpt: str = ""                   # the checkpoint --eval-only reads
     seed: int = 1337
     # batch and length; the sequence length is the model's max_seq_len
     batch_size: int = 16             # sequences per micro-batch, per process
@@ -122,6 +122,10 @@ def die(message):
     sys.exit(2)
 
 
+def flag(key):
+    return "--" + key.replace("_", "-")
+
+
 def cast(key, text, kind):
     """Parse --key=text by the field's type."""
     if kind is bool:
@@ -139,7 +143,7 @@ def cast(key, text, kind):
                 return kind(text)
         except ValueError:
             pass
-    die(f"--{key}={text!r} is not a valid {kind.__name__}")
+    die(f"{flag(key)}={text!r} is not a valid {kind.__name__}")
 
 
 def parse_args(argv):
@@ -150,14 +154,14 @@ def parse_args(argv):
         key, has_value, text = argv[i].removeprefix("--").partition("=")
         key = key.replace("-", "_")
         if not argv[i].startswith("--") or key not in known:
-            die(f"unknown setting {argv[i]!r}; valid settings: {' '.join('--' + k for k in known)}")
+            die(f"unknown setting {argv[i]!r}; valid settings: {' '.join(flag(k) for k in known)}")
         if not has_value:
             if known[key] is bool and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
                 text = "true"
             elif i + 1 < len(argv):
                 i, text = i + 1, argv[i + 1]
             else:
-                die(f"--{key} needs a value: --{key}=VALUE")
+                die(f"{flag(key)} needs a value: {flag(key)}=VALUE")
         given[key] = cast(key, text, known[key])
         i += 1
     return given
@@ -208,7 +212,7 @@ class TokenWindows:
         self.first = np.cumsum([0] + per_shard)  # window number where each shard starts
         self.n, self.seq_len, self.vocab_size = int(self.first[-1]), seq_len, vocab_size
         if self.n == 0:
-            die(f"the {split} split has fewer than {seq_len + 1} tokens; use a smaller --max_seq_len")
+            die(f"the {split} split has fewer than {seq_len + 1} tokens; use a smaller --max-seq-len")
 
     def batch(self, windows, device):
         rows = []
@@ -276,12 +280,12 @@ def hellaswag_items(path, rank, world):
             try:
                 urllib.request.urlretrieve(HELLASWAG_URL, path + ".tmp")
             except OSError as e:
-                die(f"cannot download {HELLASWAG_URL} ({e}); pass a local copy with --hellaswag_path=FILE")
+                die(f"cannot download {HELLASWAG_URL} ({e}); pass a local copy with --hellaswag-path=FILE")
             os.replace(path + ".tmp", path)
         if world > 1:
             dist.barrier()
     if not os.path.isfile(path):
-        die(f"no HellaSwag file {path}; fix --hellaswag_path")
+        die(f"no HellaSwag file {path}; fix --hellaswag-path")
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -414,7 +418,7 @@ def main(argv):
     ckpt = None
     out_dir = given.get("out_dir", PRESETS.get(given.get("preset", TrainConfig.preset), {}).get("out_dir"))
     if given.get("eval_only"):
-        ckpt = load_checkpoint(given.get("ckpt") or die("--eval_only needs --ckpt=PATH"))
+        ckpt = load_checkpoint(given.get("ckpt") or die("--eval-only needs --ckpt=PATH"))
         settings = {**ckpt["train_config"], **ckpt["model_config"], **given}
     elif given.get("resume"):
         ckpt = load_checkpoint(os.path.join(out_dir or TrainConfig.out_dir, "ckpt.pt"))
@@ -438,23 +442,23 @@ def main(argv):
         die(f"--compile={cfg.compile} must be auto, true or false")
     for key in ("batch_size", "eval_every", "eval_batches", "log_every"):
         if getattr(cfg, key) <= 0:
-            die(f"--{key}={getattr(cfg, key)} must be positive")
+            die(f"{flag(key)}={getattr(cfg, key)} must be positive")
     for key in ("lr", "batch_tokens", "max_iters", "max_tokens", "warmup_iters", "weight_decay", "grad_clip",
                 "sample_tokens", "hellaswag_every", "hellaswag_items", "peak_flops"):
         if getattr(cfg, key) < 0:
-            die(f"--{key}={getattr(cfg, key)} must not be negative")
+            die(f"{flag(key)}={getattr(cfg, key)} must not be negative")
     if not 0 <= cfg.min_lr_ratio <= 1 or not 0 <= cfg.beta1 < 1 or not 0 <= cfg.beta2 < 1:
-        die(f"need 0 <= min_lr_ratio <= 1 and 0 <= beta < 1; got --min_lr_ratio={cfg.min_lr_ratio} "
+        die(f"need 0 <= min_lr_ratio <= 1 and 0 <= beta < 1; got --min-lr-ratio={cfg.min_lr_ratio} "
             f"--beta1={cfg.beta1} --beta2={cfg.beta2}")
     if not cfg.eval_only and (cfg.max_iters > 0) == (cfg.max_tokens > 0):
-        die(f"give exactly one of --max_iters and --max_tokens (got {cfg.max_iters} and {cfg.max_tokens})")
+        die(f"give exactly one of --max-iters and --max-tokens (got {cfg.max_iters} and {cfg.max_tokens})")
     meta = load_meta(cfg.data) if not cfg.eval_only or os.path.isfile(os.path.join(cfg.data, "meta.json")) else None
     data_vocab = meta["vocab_size"] if meta else 0
     if not model_settings.get("vocab_size"):  # round up to a multiple of 64: faster matmuls
         model_settings["vocab_size"] = 64 * math.ceil(data_vocab / 64)
     if data_vocab > model_settings["vocab_size"]:
         die(f"the data's vocabulary ({data_vocab} tokens, {cfg.data}/meta.json) does not fit the model's "
-            f"vocab_size={model_settings['vocab_size']}; raise --vocab_size or re-run prepare.py")
+            f"vocab_size={model_settings['vocab_size']}; raise --vocab-size or re-run prepare.py")
     try:
         model_cfg = ModelConfig(**model_settings)
     except ValueError as e:
@@ -463,7 +467,7 @@ def main(argv):
     micro_tokens = cfg.batch_size * T * world
     batch_tokens = cfg.batch_tokens or micro_tokens
     if batch_tokens % micro_tokens:
-        die(f"--batch_tokens={batch_tokens} is not a multiple of batch_size * max_seq_len * processes = "
+        die(f"--batch-tokens={batch_tokens} is not a multiple of batch_size * max_seq_len * processes = "
             f"{cfg.batch_size} * {T} * {world} = {micro_tokens}")
     accum = batch_tokens // micro_tokens  # micro-batches per optimizer step, per process
     max_iters = cfg.max_iters or math.ceil(cfg.max_tokens / batch_tokens)
@@ -593,7 +597,7 @@ def main(argv):
 
     def stop_nonfinite(what):
         print0(f"error: {what} at step {step}; stopped without saving, so {cfg.out_dir}/ckpt.pt still holds "
-               f"the last good state. Lower --lr or raise --warmup_iters", file=sys.stderr)
+               f"the last good state. Lower --lr or raise --warmup-iters", file=sys.stderr)
         sys.exit(1)
 
     # --- Training
