@@ -1,0 +1,354 @@
+"""
+Speed of our model against Hugging Face's LlamaForCausalLM on this machine; prints one JSON object.
+
+    python bench.py                                     # ~10M params, B=4, T=256, fp32, CPU (~3 min)
+    python bench.py --compile=True                      # adds torch.compile rows (both models)
+    python bench.py --sections=decode --decode_new_tokens=256
+    python bench.py --sections=tokenize --text_file=../shared/data/tinyshakespeare.txt
+    python bench.py --device=cuda --dtype=bfloat16 --n_layer=12 --n_embd=768 --n_head=12 \
+        --n_kv_head=12 --vocab_size=50304 --batch_size=16 --seq_len=1024 --compile=True
+
+Sections: train (forward + backward + AdamW step, tokens/s, MFU on GPUs, peak memory), decode
+(greedy tokens/s: our KV cache vs HF generate vs our model without a cache) and tokenize
+(prepare.py vs plain tiktoken). Both models get the same weights (model.to_hf), the same batch,
+dtype, thread count and optimizer settings. Timed runs alternate ours, theirs, ours, theirs, ...
+after warm-up, so machine noise hits both alike; each row is the median of `repeats` runs, with
+the spread (min, max) and the ratio ours / theirs. Progress goes to stderr, the JSON to stdout.
+
+The default model has 10.5M parameters counting the token embedding and the untied lm_head
+(6.3M without them): vocab 8192, so that the embedding is a realistic share of a small model
+without the 50k-vocab lm_head swamping the blocks; n_embd 256, 8 layers, 4 heads of 64 (Llama's
+head dim), 2 key/value heads (grouped-query attention, as in Llama 3).
+"""
+import json
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+from model import ModelConfig, Transformer, to_hf
+
+
+@dataclass
+class BenchConfig:
+    n_layer: int = 8
+    n_embd: int = 256
+    n_head: int = 4
+    n_kv_head: int = 2
+    vocab_size: int = 8192
+    batch_size: int = 4
+    seq_len: int = 256
+    steps: int = 2               # timed training steps per repeat
+    repeats: int = 5             # timed runs per model and section; the median is reported
+    compile: bool = False        # also time torch.compile'd training (both models)
+    device: str = "cpu"
+    dtype: str = "float32"       # float32 | bfloat16 | float16 (autocast; weights stay fp32)
+    threads: int = 0             # torch.set_num_threads; 0: torch's default for this machine
+    decode_batch: int = 1
+    decode_prompt_len: int = 32
+    decode_new_tokens: int = 128
+    sections: str = "train,decode,tokenize"
+    text_file: str = ""          # text for the tokenize section
+    peak_flops: float = 0.0      # the accelerator's peak FLOP/s for MFU; 0: from PEAK_FLOPS
+    seed: int = 0
+
+
+# Dense bf16/fp16 tensor-core peaks from the vendors' data sheets (no sparsity). MFU is quoted
+# against these whatever --dtype is; pass --peak_flops for fp32/tf32 or an unlisted device.
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12,
+              "A10G": 125e12, "A10": 125e12, "L40S": 362e12, "L4": 121e12, "RTX 4090": 165e12,
+              "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def parse_args(argv):
+    """--key=value flags onto BenchConfig, each value cast by the field's type."""
+    cfg, types = BenchConfig(), {f.name: f.type for f in fields(BenchConfig)}
+    for arg in argv:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not eq or key not in types:
+            sys.exit(f"error: bad flag {arg!r}; use --key=value with key one of: {', '.join(types)}")
+        try:
+            if types[key] is bool and value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(value)
+            cast = (lambda v: v.lower() in ("true", "1")) if types[key] is bool else types[key]
+            setattr(cfg, key, cast(value))
+        except ValueError:
+            sys.exit(f"error: --{key}={value} is not a valid {types[key].__name__}")
+    return cfg
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def summary(ours, theirs, tokens):
+    """Rows of seconds per run -> median tokens/s of each, their spread, and ours / theirs."""
+    out = {}
+    for name, secs in (("ours", ours), ("hf", theirs)):
+        out[f"{name}_tok_s"] = round(tokens / statistics.median(secs), 1)
+        out[f"{name}_spread"] = [round(tokens / max(secs), 1), round(tokens / min(secs), 1)]
+    out["ratio"] = round(out["ours_tok_s"] / out["hf_tok_s"], 3) if theirs else None
+    return out
+
+
+def interleaved(runs, repeats, device):
+    """Time each run of `runs` (name -> fn) `repeats` times, alternating between them."""
+    secs = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            secs[name].append(time.perf_counter() - t0)
+    return secs
+
+
+# --- Models ------------------------------------------------------------------
+
+def build_models(cfg, device):
+    """Our Transformer and, if transformers is installed, the same weights in LlamaForCausalLM."""
+    torch.manual_seed(cfg.seed)
+    max_len = max(cfg.seq_len, cfg.decode_prompt_len + cfg.decode_new_tokens)
+    mcfg = ModelConfig(vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                       n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd, max_seq_len=max_len)
+    ours = Transformer(mcfg).to(device)
+    try:
+        import transformers
+    except ImportError:
+        log("transformers is not installed: HF rows are skipped (pip install transformers)")
+        return ours, None
+    hf_state, hf_config = to_hf(ours.state_dict(), mcfg)
+    # No eos: a random model could emit token 2 (LlamaConfig's default eos) and stop HF early.
+    config = transformers.LlamaConfig(**hf_config, eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    config._attn_implementation = "sdpa"
+    theirs = transformers.LlamaForCausalLM(config).to(device)
+    theirs.load_state_dict(hf_state)
+    theirs.generation_config.eos_token_id = None
+    return ours, theirs
+
+
+def train_step_fn(model, is_hf, x, y, autocast):
+    """One training step: forward, loss, backward, AdamW, zero_grad(set_to_none=True)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    losses = []
+
+    def step():
+        with autocast:
+            if is_hf:  # the loss computed as ours is: HF's labels= would shift by one position
+                logits = model(input_ids=x, use_cache=False).logits
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            else:
+                _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())  # a sync point on GPUs, the same for both models
+    return step, losses
+
+
+def bench_train(cfg, ours, theirs, device, autocast, compiled):
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    data = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1), generator=g).to(device)
+    x, y = data[:, :-1], data[:, 1:]  # the same batch for every step of both models
+    models = {"ours": (ours, False), "hf": (theirs, True)} if theirs is not None else {"ours": (ours, False)}
+    runs, losses, result = {}, {}, {}
+    for name, (model, is_hf) in models.items():
+        model.train()
+        runs[name], losses[name] = train_step_fn(torch.compile(model) if compiled else model, is_hf,
+                                                 x, y, autocast)
+        # Warm-up, untimed: allocator, AdamW state, and with --compile the compilation itself.
+        # The second step is a run without compiling, so the difference is the compile time.
+        t = []
+        for _ in range(2):
+            sync(device)
+            t0 = time.perf_counter()
+            runs[name]()
+            sync(device)
+            t.append(time.perf_counter() - t0)
+        if compiled:
+            result[f"compile_s_{name}"] = round(t[0] - t[1], 1)
+        log(f"train{' compiled' if compiled else ''} {name}: warm-up steps {t[0]:.2f}s, {t[1]:.2f}s")
+    result["first_loss"] = {name: round(v[0], 5) for name, v in losses.items()}
+
+    peak = {name: 0 for name in runs}
+    def timed(name):
+        def run():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            for _ in range(cfg.steps):
+                runs[name]()
+            if device.type == "cuda":
+                peak[name] = max(peak[name], torch.cuda.max_memory_allocated())
+        return run
+    secs = interleaved({name: timed(name) for name in runs}, cfg.repeats, device)
+    tokens = cfg.steps * cfg.batch_size * cfg.seq_len
+    result.update(summary(secs["ours"], secs.get("hf", []), tokens))
+    # Peak memory: CUDA's allocator counts it exactly; on CPU the resident set mixes both models
+    # and malloc's caching, so no honest per-model figure exists: null.
+    for name in runs:
+        result[f"{name}_peak_mem_mb"] = round(peak[name] / 2**20, 1) if device.type == "cuda" else None
+    if device.type == "cuda":
+        peak_flops = cfg.peak_flops or next((v for k, v in PEAK_FLOPS.items()
+                                             if k in torch.cuda.get_device_name(device)), 0.0)
+        for name in runs:
+            tok_s = result[f"{name}_tok_s"]
+            result[f"{name}_mfu"] = round(tok_s * ours.flops_per_token(cfg.seq_len) / peak_flops, 4) if peak_flops else None
+        result["peak_flops"] = peak_flops or None
+    return result
+
+
+# --- Decoding ------------------------------------------------------------------
+
+def naive_generate(model, idx, new_tokens):
+    """Greedy decoding without a cache, nanoGPT-style: a full forward over the text for each token."""
+    for _ in range(new_tokens):
+        logits, _ = model(idx)                                                     # (B, 1, V)
+        idx = torch.cat([idx, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)  # (B, T + 1)
+    return idx
+
+
+def bench_decode(cfg, ours, theirs, device, autocast):
+    g = torch.Generator().manual_seed(cfg.seed + 2)
+    prompt = torch.randint(0, cfg.vocab_size, (cfg.decode_batch, cfg.decode_prompt_len), generator=g).to(device)
+    n = cfg.decode_new_tokens
+    ours.eval()
+    outputs = {}
+
+    def run(name, fn):
+        def go():
+            with torch.no_grad(), autocast:
+                outputs[name] = fn()
+        return go
+    runs = {"ours": run("ours", lambda: ours.generate(prompt, n, temperature=0.0))}
+    if theirs is not None:
+        theirs.eval()
+        # HF's defaults otherwise: its dynamic KV cache, no logits processors beyond greedy.
+        runs["hf"] = run("hf", lambda: theirs.generate(prompt, max_new_tokens=n, do_sample=False,
+                                                       attention_mask=torch.ones_like(prompt)))
+    runs["ours_no_cache"] = run("ours_no_cache", lambda: naive_generate(ours, prompt, n))
+    for fn in runs.values():  # warm-up
+        fn()
+    secs = interleaved(runs, cfg.repeats, device)
+    tokens = cfg.decode_batch * n
+    result = summary(secs["ours"], secs.get("hf", []), tokens)
+    result["ours_no_cache_tok_s"] = round(tokens / statistics.median(secs["ours_no_cache"]), 1)
+    result["ratio_vs_no_cache"] = round(result["ours_tok_s"] / result["ours_no_cache_tok_s"], 3)
+    # Same weights, same greedy rule: the texts should agree (up to near-ties in fp rounding).
+    if theirs is not None:
+        result["same_tokens_as_hf"] = torch.equal(outputs["ours"], outputs["hf"])
+    result["same_tokens_as_no_cache"] = torch.equal(outputs["ours"], outputs["ours_no_cache"])
+    return result
+
+
+# --- Tokenization --------------------------------------------------------------
+
+def bench_tokenize(cfg, text):
+    """prepare.py's tokenization tokens/s vs tiktoken's encode_ordinary_batch on the same documents."""
+    import prepare  # noqa: F401 -- ImportError when prepare.py is absent: the caller skips the section
+    import tiktoken
+    docs = [d for d in text.split("\n\n") if d.strip()]  # paragraphs stand in for documents
+    enc = tiktoken.get_encoding("r50k_base")
+    threads = cfg.threads or os.cpu_count()
+    runs = {"tiktoken": lambda: enc.encode_ordinary_batch(docs, num_threads=threads)}
+    # TODO(lead): time prepare.py's own tokenization path on `docs` (the function that turns
+    # documents into shard tokens, with its eot handling), e.g.
+    #     runs["prepare"] = lambda: prepare.<tokenize documents>(docs, ...)
+    # placed first so the rows alternate prepare, tiktoken, ...; then report its ratio below.
+    for fn in runs.values():  # warm-up
+        fn()
+    secs = interleaved(runs, cfg.repeats, torch.device("cpu"))
+    tokens = sum(len(ids) for ids in enc.encode_ordinary_batch(docs, num_threads=threads))
+    result = {"documents": len(docs), "tokens": tokens, "threads": threads,
+              "tiktoken_tok_s": round(tokens / statistics.median(secs["tiktoken"]), 1)}
+    if "prepare" not in runs:
+        result["note"] = "TODO: bench_tokenize does not time prepare.py yet; tiktoken row only"
+    else:
+        result["prepare_tok_s"] = round(tokens / statistics.median(secs["prepare"]), 1)
+        result["ratio"] = round(result["prepare_tok_s"] / result["tiktoken_tok_s"], 3)
+    return result
+
+
+# --- Main ----------------------------------------------------------------------
+
+def main(argv):
+    cfg = parse_args(argv)
+    # -----------------------------------------------------------------------------
+    # argument checking
+    sections = cfg.sections.split(",")
+    if not set(sections) <= {"train", "decode", "tokenize"}:
+        sys.exit(f"error: --sections={cfg.sections}; use a comma list of train, decode, tokenize")
+    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+        sys.exit(f"error: --dtype={cfg.dtype}; use float32, bfloat16 or float16")
+    for name in ("batch_size", "seq_len", "steps", "repeats", "decode_batch", "decode_prompt_len",
+                 "decode_new_tokens"):
+        if getattr(cfg, name) <= 0:
+            sys.exit(f"error: --{name}={getattr(cfg, name)} must be positive")
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        sys.exit(f"error: --device={cfg.device} is not a torch device; use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"error: --device={cfg.device} but CUDA is not available here; use --device=cpu")
+    if cfg.threads < 0:
+        sys.exit(f"error: --threads={cfg.threads}; use 0 for torch's default or a positive count")
+    if "tokenize" in sections and cfg.text_file and not os.path.isfile(cfg.text_file):
+        sys.exit(f"error: --text_file={cfg.text_file} does not exist")
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dtype = getattr(torch, cfg.dtype)
+    # Low precision the way train.py does it: fp32 weights, autocast around the forward.
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    try:
+        ours, theirs = build_models(cfg, device)
+    except ValueError as e:  # ModelConfig names the bad value
+        sys.exit(f"error: {e}")
+    try:
+        import transformers
+        hf_version = transformers.__version__
+    except ImportError:
+        hf_version = None
+    report = {"config": asdict(cfg), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+              else "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "transformers": hf_version, "params": ours.num_params(),
+              "params_non_embedding": ours.num_params(embeddings=False),
+              "flops_per_token": ours.flops_per_token(cfg.seq_len)}
+
+    if "train" in sections:
+        t0 = time.perf_counter()
+        report["train_eager"] = bench_train(cfg, ours, theirs, device, autocast, compiled=False)
+        log(f"train eager: {time.perf_counter() - t0:.0f}s {report['train_eager']}")
+        if cfg.compile:
+            t0 = time.perf_counter()
+            report["train_compiled"] = bench_train(cfg, ours, theirs, device, autocast, compiled=True)
+            log(f"train compiled: {time.perf_counter() - t0:.0f}s {report['train_compiled']}")
+    if "decode" in sections:
+        t0 = time.perf_counter()
+        report["decode"] = bench_decode(cfg, ours, theirs, device, autocast)
+        log(f"decode: {time.perf_counter() - t0:.0f}s {report['decode']}")
+    if "tokenize" in sections:
+        if not cfg.text_file:
+            report["tokenize"] = {"skipped": "no text: pass --text_file=PATH"}
+        else:
+            with open(cfg.text_file, encoding="utf-8") as f:
+                text = f.read()
+            try:
+                report["tokenize"] = bench_tokenize(cfg, text)
+            except ImportError as e:
+                report["tokenize"] = {"skipped": f"prepare.py cannot be imported ({e})"}
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
