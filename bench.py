@@ -44,7 +44,7 @@ class BenchConfig:
     batch_size: int = 4
     seq_len: int = 256
     steps: int = 2               # timed training steps per repeat
-    repeats: int = 5             # timed runs per model and section; the median is reported
+    repeats: int = 7             # timed runs per model and section; the median is reported
     compile: bool = False        # also time torch.compile'd training (both models)
     device: str = "cpu"
     dtype: str = "float32"       # float32 | bfloat16 | float16 (autocast; weights stay fp32)
@@ -71,19 +71,24 @@ def parse_args(argv):
     for arg in argv:
         key, eq, value = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or not eq or key not in types:
-            sys.exit(f"error: bad flag {arg!r}; use --key=value with key one of: {', '.join(types)}")
+            die(f"bad flag {arg!r}; use --key=value with key one of: {', '.join(types)}")
         try:
             if types[key] is bool and value.lower() not in ("true", "false", "1", "0"):
                 raise ValueError(value)
             cast = (lambda v: v.lower() in ("true", "1")) if types[key] is bool else types[key]
             setattr(cfg, key, cast(value))
         except ValueError:
-            sys.exit(f"error: --{key}={value} is not a valid {types[key].__name__}")
+            die(f"--{key}={value} is not a valid {types[key].__name__}")
     return cfg
 
 
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
+
+
+def die(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
 
 
 def sync(device):
@@ -92,12 +97,17 @@ def sync(device):
 
 
 def summary(ours, theirs, tokens):
-    """Rows of seconds per run -> median tokens/s of each, their spread, and ours / theirs."""
+    """Seconds per run -> median tokens/s of each, spread [min, max], ratio ours / theirs of the
+    medians and ratio_paired [min, median, max] of the ratios of neighbouring runs."""
     out = {}
-    for name, secs in (("ours", ours), ("hf", theirs)):
+    for name, secs in [("ours", ours)] + ([("hf", theirs)] if theirs else []):
         out[f"{name}_tok_s"] = round(tokens / statistics.median(secs), 1)
         out[f"{name}_spread"] = [round(tokens / max(secs), 1), round(tokens / min(secs), 1)]
-    out["ratio"] = round(out["ours_tok_s"] / out["hf_tok_s"], 3) if theirs else None
+    if theirs:
+        out["ratio"] = round(out["ours_tok_s"] / out["hf_tok_s"], 3)
+        # Each run against its neighbour: the interleaving cancels slow drifts in machine load.
+        paired = sorted(t / o for o, t in zip(ours, theirs))
+        out["ratio_paired"] = [round(r, 3) for r in (paired[0], statistics.median(paired), paired[-1])]
     return out
 
 
@@ -194,8 +204,8 @@ def bench_train(cfg, ours, theirs, device, autocast, compiled):
     secs = interleaved({name: timed(name) for name in runs}, cfg.repeats, device)
     tokens = cfg.steps * cfg.batch_size * cfg.seq_len
     result.update(summary(secs["ours"], secs.get("hf", []), tokens))
-    # Peak memory: CUDA's allocator counts it exactly; on CPU the resident set mixes both models
-    # and malloc's caching, so no honest per-model figure exists: null.
+    # Peak memory: CUDA's allocator counts it per model; on CPU one resident set holds both models
+    # and malloc's cache of freed blocks, so no fair per-model figure exists: null.
     for name in runs:
         result[f"{name}_peak_mem_mb"] = round(peak[name] / 2**20, 1) if device.type == "cuda" else None
     if device.type == "cuda":
@@ -259,7 +269,7 @@ def bench_tokenize(cfg, text):
     import tiktoken
     docs = [d for d in text.split("\n\n") if d.strip()]  # paragraphs stand in for documents
     enc = tiktoken.get_encoding("r50k_base")
-    threads = cfg.threads or os.cpu_count()
+    threads = torch.get_num_threads()  # the same count the models use
     runs = {"tiktoken": lambda: enc.encode_ordinary_batch(docs, num_threads=threads)}
     # TODO(lead): time prepare.py's own tokenization path on `docs` (the function that turns
     # documents into shard tokens, with its eot handling), e.g.
@@ -287,33 +297,33 @@ def main(argv):
     # argument checking
     sections = cfg.sections.split(",")
     if not set(sections) <= {"train", "decode", "tokenize"}:
-        sys.exit(f"error: --sections={cfg.sections}; use a comma list of train, decode, tokenize")
+        die(f"--sections={cfg.sections}; use a comma list of train, decode, tokenize")
     if cfg.dtype not in ("float32", "bfloat16", "float16"):
-        sys.exit(f"error: --dtype={cfg.dtype}; use float32, bfloat16 or float16")
+        die(f"--dtype={cfg.dtype}; use float32, bfloat16 or float16")
     for name in ("batch_size", "seq_len", "steps", "repeats", "decode_batch", "decode_prompt_len",
                  "decode_new_tokens"):
         if getattr(cfg, name) <= 0:
-            sys.exit(f"error: --{name}={getattr(cfg, name)} must be positive")
+            die(f"--{name}={getattr(cfg, name)} must be positive")
     try:
         device = torch.device(cfg.device)
     except RuntimeError:
-        sys.exit(f"error: --device={cfg.device} is not a torch device; use cpu, cuda or cuda:N")
+        die(f"--device={cfg.device} is not a torch device; use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit(f"error: --device={cfg.device} but CUDA is not available here; use --device=cpu")
+        die(f"--device={cfg.device} but CUDA is not available here; use --device=cpu")
     if cfg.threads < 0:
-        sys.exit(f"error: --threads={cfg.threads}; use 0 for torch's default or a positive count")
+        die(f"--threads={cfg.threads}; use 0 for torch's default or a positive count")
     if "tokenize" in sections and cfg.text_file and not os.path.isfile(cfg.text_file):
-        sys.exit(f"error: --text_file={cfg.text_file} does not exist")
+        die(f"--text_file={cfg.text_file} does not exist")
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    # One thread count for everything, HF included, since both run in this process.
+    torch.set_num_threads(cfg.threads or torch.get_num_threads())
     dtype = getattr(torch, cfg.dtype)
     # Low precision the way train.py does it: fp32 weights, autocast around the forward.
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     try:
         ours, theirs = build_models(cfg, device)
     except ValueError as e:  # ModelConfig names the bad value
-        sys.exit(f"error: {e}")
+        die(f"{e}")
     try:
         import transformers
         hf_version = transformers.__version__
@@ -333,6 +343,9 @@ def main(argv):
             t0 = time.perf_counter()
             report["train_compiled"] = bench_train(cfg, ours, theirs, device, autocast, compiled=True)
             log(f"train compiled: {time.perf_counter() - t0:.0f}s {report['train_compiled']}")
+            if theirs is not None:  # what switching from HF as-is to our compiled model buys
+                report["train_compiled"]["ratio_vs_hf_eager"] = round(
+                    report["train_compiled"]["ours_tok_s"] / report["train_eager"]["hf_tok_s"], 3)
     if "decode" in sections:
         t0 = time.perf_counter()
         report["decode"] = bench_decode(cfg, ours, theirs, device, autocast)
