@@ -186,7 +186,7 @@ def bench_train(cfg, ours, theirs, device, autocast, compiled):
             runs[name]()
             sync(device)
             t.append(time.perf_counter() - t0)
-        if compiled:
+        if compiled:  # seconds; much less on a second run, from inductor's on-disk cache
             result[f"compile_s_{name}"] = round(t[0] - t[1], 1)
         log(f"train{' compiled' if compiled else ''} {name}: warm-up steps {t[0]:.2f}s, {t[1]:.2f}s")
     result["first_loss"] = {name: round(v[0], 5) for name, v in losses.items()}
@@ -333,7 +333,9 @@ def main(argv):
               else "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
               "transformers": hf_version, "params": ours.num_params(),
               "params_non_embedding": ours.num_params(embeddings=False),
-              "flops_per_token": ours.flops_per_token(cfg.seq_len)}
+              "flops_per_token": ours.flops_per_token(cfg.seq_len),
+              # Other processes on the machine skew absolute numbers; the ratios suffer less.
+              "loadavg_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
     if "train" in sections:
         t0 = time.perf_counter()
@@ -360,6 +362,7 @@ def main(argv):
                 report["tokenize"] = bench_tokenize(cfg, text)
             except ImportError as e:
                 report["tokenize"] = {"skipped": f"prepare.py cannot be imported ({e})"}
+    report["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(json.dumps(report, indent=1))
 
 
