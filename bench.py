@@ -148,18 +148,26 @@ def build_models(cfg, device):
     return ours, theirs
 
 
-def train_step_fn(model, is_hf, x, y, autocast):
+def loss_fn(model, is_hf):
+    """(x, y) -> mean cross-entropy of the model's logits at every position against y."""
+    if not is_hf:
+        return lambda x, y: model(x, y)[1]
+    def hf_loss(x, y):  # computed as ours is: HF's labels= would shift the targets by one
+        logits = model(input_ids=x, use_cache=False).logits                  # (B, T, V)
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+    return hf_loss
+
+
+def train_step_fn(model, is_hf, x, y, autocast, compiled):
     """One training step: forward, loss, backward, AdamW, zero_grad(set_to_none=True)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    # Compile the loss function, not just the module, so both graphs hold the cross-entropy.
+    loss_of = torch.compile(loss_fn(model, is_hf)) if compiled else loss_fn(model, is_hf)
     losses = []
 
     def step():
         with autocast:
-            if is_hf:  # the loss computed as ours is: HF's labels= would shift by one position
-                logits = model(input_ids=x, use_cache=False).logits
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-            else:
-                _, loss = model(x, y)
+            loss = loss_of(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -175,8 +183,7 @@ def bench_train(cfg, ours, theirs, device, autocast, compiled):
     runs, losses, result = {}, {}, {}
     for name, (model, is_hf) in models.items():
         model.train()
-        runs[name], losses[name] = train_step_fn(torch.compile(model) if compiled else model, is_hf,
-                                                 x, y, autocast)
+        runs[name], losses[name] = train_step_fn(model, is_hf, x, y, autocast, compiled)
         # Warm-up, untimed: allocator, AdamW state, and with --compile the compilation itself.
         # The second step is a run without compiling, so the difference is the compile time.
         t = []
