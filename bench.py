@@ -1,0 +1,367 @@
+"""
+Speed of our model against Hugging Face's LlamaForCausalLM on this machine; prints one JSON object.
+
+    python bench.py                                  # 10.5M params, B=4, T=256, fp32 (~1 min, 2 cores)
+    python bench.py --compile=True                   # adds torch.compile'd training (both models)
+    python bench.py --sections=decode --decode_new_tokens=512
+    TIKTOKEN_CACHE_DIR=../shared/tiktoken_cache python bench.py --sections=tokenize \
+        --text_file=../shared/data/tinyshakespeare.txt
+    python bench.py --device=cuda --dtype=bfloat16 --n_layer=12 --n_embd=768 --n_head=12 \
+        --n_kv_head=12 --vocab_size=50304 --batch_size=16 --seq_len=1024 --compile=True
+
+Sections: train (forward + backward + AdamW step: tokens/s; MFU and peak memory on GPUs), decode
+(greedy tokens/s: our KV cache vs HF generate vs our model without a cache) and tokenize
+(prepare.py vs plain tiktoken). Both models get the same weights (model.to_hf), batch, dtype,
+threads and optimizer settings, and HF uses attn_implementation="sdpa". Timed runs alternate ours,
+theirs, ours, theirs, ... after warm-up, so a busy machine slows both alike; each row is the
+median of `repeats` runs with its spread [min, max], the ratio ours / theirs of the medians, and
+ratio_paired [min, median, max] over neighbouring runs. Progress goes to stderr, JSON to stdout.
+
+The default model has 10.5M parameters counting the token embedding and the untied lm_head
+(6.3M without them): vocab 8192 keeps the embeddings a realistic share of a small model instead
+of a 50k-vocab lm_head outweighing the blocks; n_embd 256, 8 layers, 4 heads of 64 (Llama's head
+dim), 2 key/value heads (grouped-query attention, as in Llama 3).
+"""
+import json
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+from model import ModelConfig, Transformer, to_hf
+
+
+@dataclass
+class BenchConfig:
+    n_layer: int = 8
+    n_embd: int = 256
+    n_head: int = 4
+    n_kv_head: int = 2
+    vocab_size: int = 8192
+    batch_size: int = 4
+    seq_len: int = 256
+    steps: int = 2               # training steps per timed run
+    repeats: int = 7             # timed runs per model; rows report the median
+    compile: bool = False        # also time torch.compile'd training of both models
+    device: str = "cpu"
+    dtype: str = "float32"       # float32 | bfloat16 | float16 (autocast; weights stay fp32)
+    threads: int = 0             # torch.set_num_threads; 0: torch's default for this machine
+    decode_batch: int = 1
+    decode_prompt_len: int = 32
+    decode_new_tokens: int = 128
+    sections: str = "train,decode,tokenize"
+    text_file: str = ""          # text for the tokenize section
+    peak_flops: float = 0.0      # accelerator peak FLOP/s for MFU; 0: looked up in PEAK_FLOPS
+    seed: int = 0
+
+
+# Dense bf16 tensor-core peaks from the vendors' data sheets (SXM parts unless named, no
+# sparsity). MFU is quoted against these whatever --dtype is: pass --peak_flops for fp32/tf32.
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12,
+              "A10G": 125e12, "L40S": 362e12, "L4": 121e12, "RTX 4090": 165e12, "V100": 125e12}
+
+
+def die(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def parse_args(argv):
+    """--key=value flags onto BenchConfig, each value cast by its field's type."""
+    cfg, types = BenchConfig(), {f.name: f.type for f in fields(BenchConfig)}
+    for arg in argv:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not eq or key not in types:
+            die(f"bad flag {arg!r}; use --key=value with key one of: {', '.join(types)}")
+        try:
+            if types[key] is bool and value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(value)
+            setattr(cfg, key, value.lower() in ("true", "1") if types[key] is bool else types[key](value))
+        except ValueError:
+            die(f"--{key}={value} is not a valid {types[key].__name__}")
+    return cfg
+
+
+# --- Timing ------------------------------------------------------------------
+
+def timed(fn, device):
+    """Seconds one call of fn takes, waiting for the GPU to finish its queue on both sides."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def interleaved(runs, repeats, device):
+    """Time each fn of runs (name -> fn) `repeats` times, taking turns: A B A B ..."""
+    secs = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            secs[name].append(timed(fn, device))
+    return secs
+
+
+def summary(ours, theirs, tokens):
+    """Seconds per run of ours and (if any) theirs -> the tokens/s rows and the ratios."""
+    out = {}
+    for name, secs in [("ours", ours)] + ([("hf", theirs)] if theirs else []):
+        out[f"{name}_tok_s"] = round(tokens / statistics.median(secs), 1)
+        out[f"{name}_spread"] = [round(tokens / max(secs), 1), round(tokens / min(secs), 1)]
+    if theirs:
+        out["ratio"] = round(out["ours_tok_s"] / out["hf_tok_s"], 3)
+        # Each run against its neighbour: cancels load that drifts over the whole benchmark.
+        paired = sorted(t / o for o, t in zip(ours, theirs))
+        out["ratio_paired"] = [round(r, 3) for r in (paired[0], statistics.median(paired), paired[-1])]
+    return out
+
+
+# --- Models ------------------------------------------------------------------
+
+def build_models(cfg, device):
+    """Our Transformer and, if transformers is installed, the same weights in LlamaForCausalLM."""
+    torch.manual_seed(cfg.seed)
+    mcfg = ModelConfig(vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                       n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd,
+                       max_seq_len=max(cfg.seq_len, cfg.decode_prompt_len + cfg.decode_new_tokens))
+    ours = Transformer(mcfg).to(device)
+    try:
+        import transformers
+    except ImportError:
+        log("transformers is not installed: HF rows are skipped (pip install transformers)")
+        return ours, None
+    hf_state, hf_config = to_hf(ours.state_dict(), mcfg)
+    # No eos: LlamaConfig's default (2) would let a random model stop HF's generate early.
+    config = transformers.LlamaConfig(**hf_config, eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    config._attn_implementation = "sdpa"
+    theirs = transformers.LlamaForCausalLM(config).to(device)
+    theirs.load_state_dict(hf_state)
+    theirs.generation_config.eos_token_id = None
+    return ours, theirs
+
+
+# --- Training ------------------------------------------------------------------
+
+def loss_fn(model, is_hf):
+    """(x, y) -> mean cross-entropy of the model's logits at every position against y."""
+    if not is_hf:
+        return lambda x, y: model(x, y)[1]
+    def hf_loss(x, y):  # the loss as ours computes it: HF's labels= would shift y by one
+        logits = model(input_ids=x, use_cache=False).logits                 # (B, T, V)
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+    return hf_loss
+
+
+def train_step_fn(model, is_hf, x, y, autocast, compiled):
+    """A function doing one step: forward, loss, backward, AdamW, zero_grad(set_to_none=True)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    # Compile the loss function, not only the module, so both graphs hold the cross-entropy.
+    loss_of = torch.compile(loss_fn(model, is_hf)) if compiled else loss_fn(model, is_hf)
+    losses = []
+
+    def step():
+        with autocast:
+            loss = loss_of(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())  # a GPU sync, the same for both models
+    return step, losses
+
+
+def bench_train(cfg, ours, theirs, device, autocast, compiled):
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    data = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1), generator=g).to(device)
+    x, y = data[:, :-1], data[:, 1:]  # one batch for every step of both models
+    models = {"ours": (ours, False)} | ({"hf": (theirs, True)} if theirs is not None else {})
+    steps, losses, result = {}, {}, {}
+    for name, (model, is_hf) in models.items():
+        model.train()
+        steps[name], losses[name] = train_step_fn(model, is_hf, x, y, autocast, compiled)
+        # Untimed warm-up: allocations, AdamW state and, compiled, the compilation itself; the
+        # second step does none of that, so the difference is the compile time.
+        first, second = timed(steps[name], device), timed(steps[name], device)
+        if compiled:  # a second run of bench.py compiles faster, from inductor's on-disk cache
+            result[f"compile_s_{name}"] = round(first - second, 1)
+        log(f"train{' compiled' if compiled else ''} {name}: warm-up steps {first:.2f}s, {second:.2f}s")
+    result["first_loss"] = {name: round(v[0], 5) for name, v in losses.items()}  # should agree
+
+    peak = dict.fromkeys(steps, 0)
+    def run(name):
+        def go():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            for _ in range(cfg.steps):
+                steps[name]()
+            if device.type == "cuda":
+                peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device))
+        return go
+    secs = interleaved({name: run(name) for name in steps}, cfg.repeats, device)
+    result |= summary(secs["ours"], secs.get("hf"), cfg.steps * cfg.batch_size * cfg.seq_len)
+    # On CPU one resident set holds both models and malloc's cache of freed blocks, so no fair
+    # per-model figure exists: null.
+    for name in steps:
+        result[f"{name}_peak_mem_mb"] = round(peak[name] / 2**20, 1) if device.type == "cuda" else None
+    if device.type == "cuda":
+        gpu = torch.cuda.get_device_name(device)
+        peak_flops = cfg.peak_flops or next((v for k, v in PEAK_FLOPS.items() if k in gpu), 0.0)
+        result["peak_flops"] = peak_flops or None
+        for name in steps:
+            flops = result[f"{name}_tok_s"] * ours.flops_per_token(cfg.seq_len)
+            result[f"{name}_mfu"] = round(flops / peak_flops, 4) if peak_flops else None
+    return result
+
+
+# --- Decoding ------------------------------------------------------------------
+
+def naive_generate(model, idx, new_tokens):
+    """Greedy decoding without a cache, nanoGPT-style: a full forward over the text per token."""
+    for _ in range(new_tokens):
+        logits, _ = model(idx)                                                     # (B, 1, V)
+        idx = torch.cat([idx, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)  # (B, T + 1)
+    return idx
+
+
+def bench_decode(cfg, ours, theirs, device, autocast):
+    g = torch.Generator().manual_seed(cfg.seed + 2)
+    prompt = torch.randint(0, cfg.vocab_size, (cfg.decode_batch, cfg.decode_prompt_len), generator=g).to(device)
+    n, outputs = cfg.decode_new_tokens, {}
+    fns = {"ours": lambda: ours.generate(prompt, n, temperature=0.0)}
+    if theirs is not None:  # otherwise HF's defaults, its dynamic KV cache included
+        fns["hf"] = lambda: theirs.generate(prompt, max_new_tokens=n, do_sample=False,
+                                            attention_mask=torch.ones_like(prompt))
+    fns["ours_no_cache"] = lambda: naive_generate(ours, prompt, n)
+
+    def run(name):
+        def go():
+            with torch.no_grad(), autocast:
+                outputs[name] = fns[name]()
+        return go
+    ours.eval()
+    if theirs is not None:
+        theirs.eval()
+    runs = {name: run(name) for name in fns}
+    for go in runs.values():  # warm-up
+        go()
+    secs = interleaved(runs, cfg.repeats, device)
+    tokens = cfg.decode_batch * n
+    result = summary(secs["ours"], secs.get("hf"), tokens)
+    result["ours_no_cache_tok_s"] = round(tokens / statistics.median(secs["ours_no_cache"]), 1)
+    result["ratio_vs_no_cache"] = round(result["ours_tok_s"] / result["ours_no_cache_tok_s"], 3)
+    # Same weights and greedy: the texts should agree, barring near-ties broken by fp rounding.
+    if theirs is not None:
+        result["same_tokens_as_hf"] = torch.equal(outputs["ours"], outputs["hf"])
+    result["same_tokens_as_no_cache"] = torch.equal(outputs["ours"], outputs["ours_no_cache"])
+    return result
+
+
+# --- Tokenization --------------------------------------------------------------
+
+def bench_tokenize(cfg, text):
+    """prepare.py's tokenization tokens/s vs tiktoken's encode_ordinary_batch on the same documents."""
+    import prepare  # noqa: F401  (ImportError without prepare.py: main() skips the section)
+    import tiktoken
+    docs = [d for d in text.split("\n\n") if d.strip()]  # paragraphs stand in for documents
+    enc = tiktoken.get_encoding("r50k_base")
+    threads = torch.get_num_threads()  # the models' thread count
+    runs = {"tiktoken": lambda: enc.encode_ordinary_batch(docs, num_threads=threads)}
+    # TODO(lead): time prepare.py's own tokenization of `docs` (the path that writes shard
+    # tokens, eot handling included) with the same thread count, for example
+    #     runs = {"prepare": lambda: prepare.<tokenize>(docs, ...), **runs}
+    # and the prepare_tok_s / ratio rows below fill in.
+    for fn in runs.values():  # warm-up
+        fn()
+    secs = interleaved(runs, cfg.repeats, torch.device("cpu"))
+    tokens = sum(len(ids) for ids in enc.encode_ordinary_batch(docs, num_threads=threads))
+    result = {"documents": len(docs), "tokens": tokens, "threads": threads,
+              "tiktoken_tok_s": round(tokens / statistics.median(secs["tiktoken"]), 1)}
+    if "prepare" in runs:
+        result["prepare_tok_s"] = round(tokens / statistics.median(secs["prepare"]), 1)
+        result["ratio"] = round(result["prepare_tok_s"] / result["tiktoken_tok_s"], 3)
+    else:
+        result["note"] = "TODO: bench_tokenize does not time prepare.py yet; tiktoken row only"
+    return result
+
+
+# --- Main ----------------------------------------------------------------------
+
+def main(argv):
+    cfg = parse_args(argv)
+    # argument checking
+    sections = cfg.sections.split(",")
+    if not set(sections) <= {"train", "decode", "tokenize"}:
+        die(f"--sections={cfg.sections}; use a comma list of train, decode, tokenize")
+    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+        die(f"--dtype={cfg.dtype}; use float32, bfloat16 or float16")
+    for name in ("batch_size", "seq_len", "steps", "repeats", "decode_batch", "decode_prompt_len",
+                 "decode_new_tokens"):
+        if getattr(cfg, name) <= 0:
+            die(f"--{name}={getattr(cfg, name)} must be positive")
+    if cfg.threads < 0:
+        die(f"--threads={cfg.threads}; use 0 for torch's default or a positive count")
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        die(f"--device={cfg.device} is not a torch device; use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        die(f"--device={cfg.device} but CUDA is not available here; use --device=cpu")
+    if "tokenize" in sections and cfg.text_file and not os.path.isfile(cfg.text_file):
+        die(f"--text_file={cfg.text_file} does not exist")
+
+    # One thread count for everything; HF runs in this process, so it shares it.
+    torch.set_num_threads(cfg.threads or torch.get_num_threads())
+    dtype = getattr(torch, cfg.dtype)
+    # Low precision as train.py does it: fp32 weights, autocast around the forward and loss.
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    try:
+        ours, theirs = build_models(cfg, device)
+    except ValueError as e:  # ModelConfig's message names the bad value
+        die(str(e))
+    report = {"config": asdict(cfg), "device": torch.cuda.get_device_name(device)
+              if device.type == "cuda" else "cpu", "threads": torch.get_num_threads(),
+              "torch": torch.__version__,
+              "transformers": sys.modules["transformers"].__version__ if theirs is not None else None,
+              "params": ours.num_params(), "params_non_embedding": ours.num_params(embeddings=False),
+              "flops_per_token": ours.flops_per_token(cfg.seq_len),
+              # Other processes skew the absolute numbers (the ratios much less): say how busy.
+              "loadavg_start": os.getloadavg()[0]}
+
+    if "train" in sections:
+        report["train_eager"] = bench_train(cfg, ours, theirs, device, autocast, compiled=False)
+        log(f"train eager: {report['train_eager']}")
+        if cfg.compile:
+            report["train_compiled"] = bench_train(cfg, ours, theirs, device, autocast, compiled=True)
+            if theirs is not None:  # what moving from HF as it is to our compiled model buys
+                report["train_compiled"]["ratio_vs_hf_eager"] = round(
+                    report["train_compiled"]["ours_tok_s"] / report["train_eager"]["hf_tok_s"], 3)
+            log(f"train compiled: {report['train_compiled']}")
+    if "decode" in sections:
+        report["decode"] = bench_decode(cfg, ours, theirs, device, autocast)
+        log(f"decode: {report['decode']}")
+    if "tokenize" in sections:
+        if not cfg.text_file:
+            report["tokenize"] = {"skipped": "no text given: pass --text_file=PATH"}
+        else:
+            with open(cfg.text_file, encoding="utf-8") as f:
+                text = f.read()
+            try:
+                report["tokenize"] = bench_tokenize(cfg, text)
+            except ImportError as e:
+                report["tokenize"] = {"skipped": f"prepare.py cannot be imported ({e})"}
+    report["loadavg_end"] = os.getloadavg()[0]
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
