@@ -2,12 +2,12 @@
 Speed of our model against Hugging Face's LlamaForCausalLM on this machine; prints one JSON object.
 
     python bench.py                                  # 10.5M params, B=4, T=256, fp32 (~1 min, 2 cores)
-    python bench.py --compile=True                   # adds torch.compile'd training (both models)
-    python bench.py --sections=decode --decode_new_tokens=512
+    python bench.py --compile                   # adds torch.compile'd training (both models)
+    python bench.py --sections=decode --decode-new-tokens=512
     TIKTOKEN_CACHE_DIR=../shared/tiktoken_cache python bench.py --sections=tokenize \
-        --text_file=../shared/data/tinyshakespeare.txt
-    python bench.py --device=cuda --dtype=bfloat16 --n_layer=12 --n_embd=768 --n_head=12 \
-        --n_kv_head=12 --vocab_size=50304 --batch_size=16 --seq_len=1024 --compile=True
+        --text-file=../shared/data/tinyshakespeare.txt
+    python bench.py --device=cuda --dtype=bfloat16 --n-layer=12 --n-embd=768 --n-head=12 \
+        --n-kv-head=12 --vocab-size=50304 --batch-size=16 --seq-len=1024 --compile
 
 Sections: train (forward + backward + AdamW step: tokens/s; MFU and peak memory on GPUs), decode
 (greedy tokens/s: our KV cache vs HF generate vs our model without a cache) and tokenize
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from model import ModelConfig, Transformer, to_hf
+from train import die, gpu_peak_flops, parse_args
 
 
 @dataclass
@@ -56,39 +57,12 @@ class BenchConfig:
     decode_new_tokens: int = 128
     sections: str = "train,decode,tokenize"
     text_file: str = ""          # text for the tokenize section
-    peak_flops: float = 0.0      # accelerator peak FLOP/s for MFU; 0: looked up in PEAK_FLOPS
+    peak_flops: float = 0.0      # accelerator peak FLOP/s for MFU; 0: looked up in train.PEAK_FLOPS
     seed: int = 0
-
-
-# Dense bf16 tensor-core peaks from the vendors' data sheets (SXM parts unless named, no
-# sparsity). MFU is quoted against these whatever --dtype is: pass --peak_flops for fp32/tf32.
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12,
-              "A10G": 125e12, "L40S": 362e12, "L4": 121e12, "RTX 4090": 165e12, "V100": 125e12}
-
-
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
-
-
-def parse_args(argv):
-    """--key=value flags onto BenchConfig, each value cast by its field's type."""
-    cfg, types = BenchConfig(), {f.name: f.type for f in fields(BenchConfig)}
-    for arg in argv:
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq or key not in types:
-            die(f"bad flag {arg!r}; use --key=value with key one of: {', '.join(types)}")
-        try:
-            if types[key] is bool and value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(value)
-            setattr(cfg, key, value.lower() in ("true", "1") if types[key] is bool else types[key](value))
-        except ValueError:
-            die(f"--{key}={value} is not a valid {types[key].__name__}")
-    return cfg
 
 
 # --- Timing ------------------------------------------------------------------
@@ -214,8 +188,7 @@ def bench_train(cfg, ours, theirs, device, autocast, compiled):
     for name in steps:
         result[f"{name}_peak_mem_mb"] = round(peak[name] / 2**20, 1) if device.type == "cuda" else None
     if device.type == "cuda":
-        gpu = torch.cuda.get_device_name(device)
-        peak_flops = cfg.peak_flops or next((v for k, v in PEAK_FLOPS.items() if k in gpu), 0.0)
+        peak_flops = cfg.peak_flops or gpu_peak_flops(device)
         result["peak_flops"] = peak_flops or None
         for name in steps:
             flops = result[f"{name}_tok_s"] * ours.flops_per_token(cfg.seq_len)
@@ -269,35 +242,31 @@ def bench_decode(cfg, ours, theirs, device, autocast):
 # --- Tokenization --------------------------------------------------------------
 
 def bench_tokenize(cfg, text):
-    """prepare.py's tokenization tokens/s vs tiktoken's encode_ordinary_batch on the same documents."""
-    import prepare  # noqa: F401  (ImportError without prepare.py: main() skips the section)
+    """prepare.py's tokenization tokens/s vs tiktoken's encode_ordinary_batch on the same documents,
+    one worker each (prepare.py scales over processes with --num-proc, tiktoken over threads)."""
+    import prepare  # ImportError without prepare.py: main() skips the section
     import tiktoken
     docs = [d for d in text.split("\n\n") if d.strip()]  # paragraphs stand in for documents
     enc = tiktoken.get_encoding("r50k_base")
-    threads = torch.get_num_threads()  # the models' thread count
-    runs = {"tiktoken": lambda: enc.encode_ordinary_batch(docs, num_threads=threads)}
-    # TODO(lead): time prepare.py's own tokenization of `docs` (the path that writes shard
-    # tokens, eot handling included) with the same thread count, for example
-    #     runs = {"prepare": lambda: prepare.<tokenize>(docs, ...), **runs}
-    # and the prepare_tok_s / ratio rows below fill in.
+    # prepare.py's path that feeds the shards: batches of documents, eot before each, uint16 arrays.
+    runs = {"prepare": lambda: sum(len(ids) for ids, _ in prepare.tokenize_documents(enc, [(d, True) for d in docs])),
+            "tiktoken": lambda: enc.encode_ordinary_batch(docs, num_threads=1),
+            # the batch call hands each document to a thread pool; a plain loop is tiktoken's fastest path
+            "tiktoken_loop": lambda: [enc.encode_ordinary(d) for d in docs]}
     for fn in runs.values():  # warm-up
         fn()
     secs = interleaved(runs, cfg.repeats, torch.device("cpu"))
-    tokens = sum(len(ids) for ids in enc.encode_ordinary_batch(docs, num_threads=threads))
-    result = {"documents": len(docs), "tokens": tokens, "threads": threads,
-              "tiktoken_tok_s": round(tokens / statistics.median(secs["tiktoken"]), 1)}
-    if "prepare" in runs:
-        result["prepare_tok_s"] = round(tokens / statistics.median(secs["prepare"]), 1)
-        result["ratio"] = round(result["prepare_tok_s"] / result["tiktoken_tok_s"], 3)
-    else:
-        result["note"] = "TODO: bench_tokenize does not time prepare.py yet; tiktoken row only"
-    return result
+    tokens = sum(len(ids) for ids in enc.encode_ordinary_batch(docs, num_threads=1))
+    tok_s = {k: tokens / statistics.median(secs[k]) for k in runs}
+    return {"documents": len(docs), "tokens": tokens, **{f"{k}_tok_s": round(v, 1) for k, v in tok_s.items()},
+            "ratio": round(tok_s["prepare"] / tok_s["tiktoken"], 3),
+            "ratio_vs_loop": round(tok_s["prepare"] / tok_s["tiktoken_loop"], 3)}
 
 
 # --- Main ----------------------------------------------------------------------
 
 def main(argv):
-    cfg = parse_args(argv)
+    cfg = BenchConfig(**parse_args(argv, (BenchConfig,)))
     # argument checking
     sections = cfg.sections.split(",")
     if not set(sections) <= {"train", "decode", "tokenize"}:
@@ -307,7 +276,7 @@ def main(argv):
     for name in ("batch_size", "seq_len", "steps", "repeats", "decode_batch", "decode_prompt_len",
                  "decode_new_tokens"):
         if getattr(cfg, name) <= 0:
-            die(f"--{name}={getattr(cfg, name)} must be positive")
+            die(f"--{name.replace('_', '-')}={getattr(cfg, name)} must be positive")
     if cfg.threads < 0:
         die(f"--threads={cfg.threads}; use 0 for torch's default or a positive count")
     try:
@@ -317,7 +286,7 @@ def main(argv):
     if device.type == "cuda" and not torch.cuda.is_available():
         die(f"--device={cfg.device} but CUDA is not available here; use --device=cpu")
     if "tokenize" in sections and cfg.text_file and not os.path.isfile(cfg.text_file):
-        die(f"--text_file={cfg.text_file} does not exist")
+        die(f"--text-file={cfg.text_file} does not exist")
 
     # One thread count for everything; HF runs in this process, so it shares it.
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
@@ -351,7 +320,7 @@ def main(argv):
         log(f"decode: {report['decode']}")
     if "tokenize" in sections:
         if not cfg.text_file:
-            report["tokenize"] = {"skipped": "no text given: pass --text_file=PATH"}
+            report["tokenize"] = {"skipped": "no text given: pass --text-file=PATH"}
         else:
             with open(cfg.text_file, encoding="utf-8") as f:
                 text = f.read()

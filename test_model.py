@@ -1196,3 +1196,23 @@ def test_eval_only_sharded_over_two_processes_equals_one(byte_data, tmp_path):
     assert one["hellaswag_items"] == two["hellaswag_items"] == 7
     for key in ("val_loss", "hellaswag_acc", "hellaswag_acc_norm"):
         assert one[key] == pytest.approx(two[key], abs=1e-6), key
+
+# -----------------------------------------------------------------------------
+# bench.py
+
+
+def test_bench_runs_and_its_two_models_agree():
+    """A tiny bench run: valid JSON, and the two models it races compute the same thing."""
+    result = run([sys.executable, "bench.py", "--n-layer=1", "--n-embd=32", "--n-head=2", "--n-kv-head=1",
+                  "--vocab-size=256", "--batch-size=2", "--seq-len=16", "--steps=1", "--repeats=1",
+                  "--decode-new-tokens=8", "--sections=train,decode,tokenize", f"--text-file={SHAKESPEARE}"])
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["train_eager"]["first_loss"]["ours"] == pytest.approx(report["train_eager"]["first_loss"]["hf"],
+                                                                         abs=1e-5)
+    assert report["decode"]["same_tokens_as_hf"] and report["decode"]["same_tokens_as_no_cache"]
+    paragraphs = [p for p in SHAKESPEARE.read_text().split("\n\n") if p.strip()]  # bench's documents
+    enc = tiktoken.get_encoding("r50k_base")
+    assert report["tokenize"]["tokens"] == sum(len(enc.encode_ordinary(p)) for p in paragraphs)
+    assert report["tokenize"]["prepare_tok_s"] > 0 and report["tokenize"]["ratio"] > 0
+    assert_user_error(run([sys.executable, "bench.py", "--sections=everything"]), "--sections=everything")

@@ -101,11 +101,18 @@ PRESETS = {
                        out_dir="out/gpt2_small"),
 }
 
-# Dense bf16/fp16 tensor-core peak FLOP/s per GPU from the vendors' datasheets; the first name
-# found in torch.cuda.get_device_name() wins, so specific names come before general ones.
+# Dense (no sparsity) bf16/fp16 tensor-core peak FLOP/s per GPU from the vendors' datasheets: MFU
+# is quoted against these whatever the dtype (pass --peak-flops for fp32/TF32 runs or other GPUs).
+# The first name found in torch.cuda.get_device_name() wins: specific names before general ones.
 PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
-              ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12),
+              ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
               ("A10", 125e12), ("4090", 165e12), ("3090", 71e12), ("V100", 125e12), ("T4", 65e12)]
+
+
+def gpu_peak_flops(device):
+    """Peak FLOP/s of a CUDA device from PEAK_FLOPS; 0.0 when unknown (MFU is then not shown)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((flops for key, flops in PEAK_FLOPS if key in name), 0.0) if name else 0.0
 
 
 def lr_at(step, cfg, max_iters):
@@ -146,9 +153,10 @@ def cast(key, text, kind):
     die(f"{flag(key)}={text!r} is not a valid {kind.__name__}")
 
 
-def parse_args(argv):
-    """Command line -> {setting: value} of the flags given, cast by each field's type."""
-    known = {f.name: f.type for f in (*fields(TrainConfig), *fields(ModelConfig))}
+def parse_args(argv, configs=(TrainConfig, ModelConfig)):
+    """Command line -> {setting: value} of the flags given, cast by the type of the field of that
+    name in the config dataclasses (bench.py parses its own flags with this too)."""
+    known = {f.name: f.type for c in configs for f in fields(c)}
     given, i = {}, 0
     while i < len(argv):
         key, has_value, text = argv[i].removeprefix("--").partition("=")
@@ -572,8 +580,7 @@ def main(argv):
            f"{total_tokens / n_params:.1f} tokens per parameter (Chinchilla-optimal: ~20) | "
            f"{flops_per_token * total_tokens:.2e} FLOPs | train set {train.n * T / 1e6:,.1f}M tokens "
            f"({total_tokens / max(1, train.n * T):.2f} epochs)")
-    peak = cfg.peak_flops or (next((f for name, f in PEAK_FLOPS if name in torch.cuda.get_device_name(device)), 0.0)
-                              if device.type == "cuda" else 0.0)
+    peak = cfg.peak_flops or gpu_peak_flops(device)
 
     def checkpoint(path):
         if master:
