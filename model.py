@@ -65,12 +65,9 @@ class ModelConfig:
             raise ValueError(f"need 0 <= dropout < 1, rope_theta > 0, norm_eps > 0, ffn_hidden >= 0; got "
                              f"dropout={self.dropout}, rope_theta={self.rope_theta}, norm_eps={self.norm_eps}, "
                              f"ffn_hidden={self.ffn_hidden}")
-        if self.ffn_hidden == 0 and self.mlp == "gelu":
-            self.ffn_hidden = 4 * self.n_embd
-        elif self.ffn_hidden == 0:
-            # SwiGLU has three matrices instead of two, so Llama shrinks 4C to 2/3 * 4C to keep the
-            # parameter count, then rounds up to a multiple of `multiple_of` for fast matmuls.
-            hidden = int(2 * 4 * self.n_embd / 3)
+        if self.ffn_hidden == 0:  # SwiGLU has 3 matrices, GELU 2: Llama takes 2/3 of 4C to keep the parameter
+            # count the same, rounded up to a multiple of `multiple_of` for fast matmuls.
+            hidden = 4 * self.n_embd if self.mlp == "gelu" else int(2 * 4 * self.n_embd / 3)
             self.ffn_hidden = self.multiple_of * math.ceil(hidden / self.multiple_of)
 
     @property
@@ -118,14 +115,13 @@ def apply_rope(x, cos, sin):
 
 # --- KV cache and attention --------------------------------------------------
 
-class KVCache(nn.Module):
+class KVCache:
     """Keys and values of past positions in preallocated buffers (B, Hkv, S_max, D), written in place."""
 
     def __init__(self, batch_size, n_kv_head, max_len, head_dim, dtype, device):
-        super().__init__()
         shape = (batch_size, n_kv_head, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def update(self, pos, k, v):
         """Store k, v (B, Hkv, T, D) at positions pos..pos+T-1; return all keys/values so far."""

@@ -713,14 +713,20 @@ def test_resume_continues_exactly(byte_data, tmp_path):
 
 
 def test_two_processes_equal_one_process_with_accumulation(byte_data, tmp_path):
-    one = train(byte_data, tmp_path / "one", "--max-iters=3", "--batch-tokens=256", "--eval-every=3")
+    one = train(byte_data, tmp_path / "one", "--max-iters=4", "--batch-tokens=256", "--eval-every=2")
     assert one.returncode == 0, one.stderr
-    two = train(byte_data, tmp_path / "two", "--max-iters=3", "--eval-every=3", torchrun=2)
+    two = train(byte_data, tmp_path / "two", "--max-iters=4", "--eval-every=2", torchrun=2)
     assert two.returncode == 0, two.stderr
     assert "2 process(es), 1 micro-batch" in two.stdout and "1 process(es), 2 micro-batch" in one.stdout
-    (a, b) = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert len(a) == len(b) == 3
+    # A run started on one process and resumed on two continues the same way.
+    half = train(byte_data, tmp_path / "half", "--max-iters=2", "--batch-tokens=256", "--eval-every=2")
+    assert half.returncode == 0, half.stderr
+    resumed = train(byte_data, tmp_path / "half", "--resume", "--max-iters=4", torchrun=2)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b, c = losses(tmp_path / "one"), losses(tmp_path / "two"), losses(tmp_path / "half")
+    assert [s for s, _ in a] == [s for s, _ in b] == [s for s, _ in c] == [1, 2, 3, 4]
     assert max(abs(x[1] - y[1]) for x, y in zip(a, b)) <= 1e-5
+    assert max(abs(x[1] - y[1]) for x, y in zip(a, c)) <= 1e-5
 
 
 def test_loss_falls_and_checkpoint_loads_with_weights_only(byte_data, tmp_path):
