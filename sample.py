@@ -27,6 +27,7 @@ import torch
 
 from model import ModelConfig, Transformer, from_hf, to_hf
 from prepare import load_tokenizer
+from train import load_checkpoint as read_checkpoint
 
 
 def option(default, help, **argparse_kwargs):
@@ -138,17 +139,7 @@ def build_tokenizer(spec, folder, vocab_size):
 
 def load_checkpoint(path):
     """(model, tokenizer, spec, eot_id) from a train.py checkpoint; the model is fp32, on the CPU."""
-    if not os.path.isfile(path):
-        fail(f"checkpoint {path} not found (train.py writes out/<run>/ckpt.pt and best.pt)")
-    try:  # weights_only: a checkpoint is data, and unpickling arbitrary objects can run code
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated copy, or not a torch.save file at all
-        fail(f"cannot read checkpoint {path} ({one_line(e)}); is the file complete?")
-    ckpt = ckpt if isinstance(ckpt, dict) else {}
-    missing = [k for k in ("version", "model", "model_config", "tokenizer", "eot_id") if k not in ckpt]
-    if missing or ckpt["version"] != 1:
-        fail(f"{path} is not a version-1 checkpoint of this repo (version={ckpt.get('version')}, missing keys: "
-             f"{missing or 'none'}); use the sample.py of the version that wrote it")
+    ckpt = read_checkpoint(path)  # checks the file, its version and its keys
     try:
         model = Transformer(ModelConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])

@@ -794,7 +794,7 @@ def test_train_errors_are_one_line(byte_data, tmp_path):
     assert_user_error(train(bad, tmp_path / "x", "--max-iters=1"), "train_0000.bin", "truncated or corrupt")
     shard.write_bytes(np.full(len(shard.read_bytes()) // 2 + 5, 60000, dtype=np.uint16).tobytes())
     assert_user_error(train(bad, tmp_path / "x", "--max-iters=1"), "token id 60000 >= vocab_size=320")
-    assert_user_error(train(byte_data, tmp_path / "none", "--resume", "--max-iters=1"), "no checkpoint at")
+    assert_user_error(train(byte_data, tmp_path / "none", "--resume", "--max-iters=1"), "ckpt.pt not found")
 
 
 def test_lr_schedule_and_epoch_order():

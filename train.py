@@ -373,14 +373,19 @@ def save_atomic(obj, path):
 
 
 def load_checkpoint(path):
-    try:
+    """The dict train.py saved at path (sample.py reads checkpoints through this too), after
+    checking the file, its version and its keys: a clear one-line error for anything else."""
+    if not os.path.isfile(path):
+        die(f"checkpoint {path} not found (train.py writes OUT_DIR/ckpt.pt and OUT_DIR/best.pt)")
+    try:  # weights_only: a checkpoint is data, and unpickling arbitrary objects could run code
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        die(f"no checkpoint at {path}; check the path (train.py writes OUT_DIR/ckpt.pt and OUT_DIR/best.pt)")
     except Exception as e:  # torch raises several kinds for a damaged file
-        die(f"cannot read checkpoint {path} ({type(e).__name__}); it is damaged or not a checkpoint")
-    if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
-        die(f"{path} is not a version-{CHECKPOINT_VERSION} checkpoint of this train.py")
+        die(f"cannot read checkpoint {path} ({type(e).__name__}); is the file complete?")
+    ckpt = ckpt if isinstance(ckpt, dict) else {}
+    missing = [k for k in ("version", "model", "model_config", "tokenizer", "eot_id") if k not in ckpt]
+    if missing or ckpt["version"] != CHECKPOINT_VERSION:
+        die(f"{path} is not a version-{CHECKPOINT_VERSION} checkpoint of this repo (version={ckpt.get('version')}, "
+            f"missing keys: {missing or 'none'}); use the code of the version that wrote it")
     return ckpt
 
 
