@@ -6,15 +6,11 @@ A Llama-style decoder-only transformer, written to be read top to bottom.
     logits, loss = model(idx, targets)          # training: idx, targets (B, T) int64
     out = model.generate(idx, max_new_tokens=100, temperature=0.8, top_k=200)
 
-The Llama recipe, each part switchable for ablations (defaults first):
-- no absolute positions: RoPE rotates queries and keys    (pos_emb: rope | learned | none)
-- pre-norm blocks, x + f(norm(x)); RMSNorm in fp32        (norm: rmsnorm | layernorm)
-- grouped-query attention: n_kv_head <= n_head key/value heads, each shared by a group of queries
-- SwiGLU MLP, down(silu(gate(x)) * up(x))                (mlp: swiglu | gelu)
-- no biases; final norm; lm_head optionally tied to the token embedding
-
-Parameter names are those of Hugging Face `LlamaForCausalLM` without its "model." prefix, so
-to_hf() / from_hf() at the bottom are renames, not permutations.
+The Llama recipe: RoPE instead of absolute positions, pre-norm blocks x + f(norm(x)) with RMSNorm
+in fp32, grouped-query attention (n_kv_head <= n_head key/value heads, each shared by a group of
+queries), a SwiGLU MLP, no biases, a final norm, and an lm_head optionally tied to the embedding.
+Ablations swap parts for GPT-2's: pos_emb (learned | none), mlp (gelu), norm (layernorm).
+Parameter names are Hugging Face LlamaForCausalLM's without "model.", so to_hf/from_hf are renames.
 
 Dimensions: B batch, T positions in this call, S cached positions, C = n_embd, H query heads,
 Hkv key/value heads, D = C // H head dim, V vocab size.
@@ -92,7 +88,8 @@ class RMSNorm(nn.Module):
         return self.weight * xf.type_as(x)
 
 def make_norm(cfg):  # "layernorm": GPT-2's norm (without bias), for ablations
-    return RMSNorm(cfg.n_embd, cfg.norm_eps) if cfg.norm == "rmsnorm" else nn.LayerNorm(cfg.n_embd, cfg.norm_eps, bias=False)
+    norm = RMSNorm if cfg.norm == "rmsnorm" else lambda dim, eps: nn.LayerNorm(dim, eps, bias=False)
+    return norm(cfg.n_embd, cfg.norm_eps)
 
 
 # --- Rotary position embedding (Su et al. 2021) ------------------------------
@@ -152,14 +149,12 @@ class Attention(nn.Module):
         if self.cache is not None:
             k, v = self.cache.update(pos, k, v)  # (B, Hkv, S, D) with S = pos + T
         S = k.size(2)
-        # Query t sits at position pos + t and may see keys 0..pos+t. One query (decoding) sees all
-        # keys; a block starting at 0 is the usual causal triangle; a block after cached keys needs
-        # the triangle shifted right by pos, which is_causal (top-left aligned) cannot express.
+        # Query t (at position pos + t) sees keys 0..pos+t: one query (decoding) sees all; a block from 0
+        # is the causal triangle; a block after cached keys needs it shifted by pos (is_causal cannot).
         mask, causal = None, T > 1 and S == T
         if T > 1 and S > T:
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)  # (T, S)
-        # enable_gqa lets each group of H/Hkv query heads read its shared K/V head without
-        # materialising a repeated copy of K and V (HF's repeat_kv does copy).
+        # enable_gqa: each group of H/Hkv query heads reads its K/V head in place (HF's repeat_kv copies).
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=self.n_kv_head != self.n_head)     # (B, H, T, D)
@@ -314,17 +309,15 @@ class Transformer(nn.Module):
         return n
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token (forward + backward), PaLM paper appendix B: 6 per weight of
-        every matmul (the lm_head included, the embedding lookup not) + 12 * L * H * D * T for the
-        attention scores and weighted sum, counted without the causal saving, as is customary."""
+        """Training FLOPs per token (forward + backward; PaLM, appendix B): 6 per matmul weight (lm_head
+        included, embedding lookup not) + 12 * L * H * D * T for attention, without the causal saving."""
         cfg = self.config
         matmul_weights = self.num_params(embeddings=False) + self.lm_head.weight.numel()
         return 6 * matmul_weights + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Next token ids (B, 1) from logits (B, V): argmax at temperature 0, else a draw after
-    temperature scaling, top-k (keep the k largest) and top-p (keep the smallest set of most
-    likely tokens whose probability reaches p, Holtzman et al. 2019)."""
+    """Next ids (B, 1) from logits (B, V): argmax at temperature 0, else a draw after top-k (the k
+    largest) and top-p (the smallest set of most likely ids whose probability reaches p)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
@@ -352,13 +345,11 @@ def to_hf(state_dict, cfg):
     if cfg.tie_embeddings:
         del hf["lm_head.weight"]  # HF ties lm_head to embed_tokens again when it loads
     config = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=cfg.vocab_size,
-                  hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_hidden,
-                  num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-                  num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim, hidden_act="silu",
-                  max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+                  hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_hidden, num_hidden_layers=cfg.n_layer,
+                  num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
+                  max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
                   tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
-                  # transformers < 5 reads rope_theta, >= 5 reads rope_parameters
-                  rope_theta=cfg.rope_theta,
+                  rope_theta=cfg.rope_theta,  # transformers < 5 reads this, >= 5 rope_parameters
                   rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
     return hf, config
 
@@ -371,10 +362,9 @@ def from_hf(hf_state_dict, hf_config):
     if (hf_config.get("head_dim", C // n_head) * n_head != C or hf_config.get("hidden_act", "silu") != "silu"
             or hf_config.get("attention_bias") or hf_config.get("mlp_bias")):
         raise ValueError("only Llama with head_dim * heads = hidden_size, silu and no biases is supported")
-    cfg = ModelConfig(vocab_size=hf_config["vocab_size"], n_layer=hf_config["num_hidden_layers"],
-                      n_head=n_head, n_kv_head=hf_config.get("num_key_value_heads") or n_head,
-                      n_embd=C, ffn_hidden=hf_config["intermediate_size"],
-                      max_seq_len=hf_config["max_position_embeddings"],
+    cfg = ModelConfig(vocab_size=hf_config["vocab_size"], n_layer=hf_config["num_hidden_layers"], n_head=n_head,
+                      n_kv_head=hf_config.get("num_key_value_heads") or n_head, n_embd=C,
+                      ffn_hidden=hf_config["intermediate_size"], max_seq_len=hf_config["max_position_embeddings"],
                       rope_theta=float(rope.get("rope_theta", hf_config.get("rope_theta", 10000.0))),
                       norm_eps=hf_config.get("rms_norm_eps", 1e-6),
                       tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)))
