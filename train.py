@@ -567,7 +567,7 @@ def main(argv):
         log_path = os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "log.jsonl")
         log(record)
         if ddp:
-            dist.destroy_process_group()
+            shut_down_processes()
         return
 
     train = TokenWindows(cfg.data, meta, "train", T, model_cfg.vocab_size)
@@ -696,7 +696,14 @@ def main(argv):
             break
 
     if ddp:
-        dist.destroy_process_group()
+        shut_down_processes()
+
+
+def shut_down_processes():
+    # A rank that tears the process group down while another is still finishing its last collective
+    # can abort that rank (seen with gloo: "terminate called without an active exception").
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
