@@ -387,6 +387,11 @@ def load_tokenizer(spec: dict, folder: str | None = None) -> tiktoken.Encoding:
                              special_tokens=spec["special_tokens"])
 
 
+def ranks_text(tokens: list[bytes]) -> str:
+    """tiktoken's ranks-file format: one "base64(token) rank" line per token, tokens in rank order."""
+    return "".join(f"{base64.b64encode(token).decode()} {rank}\n" for rank, token in enumerate(tokens))
+
+
 def tokenizer_spec_inline(meta: dict, folder: str) -> dict:
     """meta's tokenizer spec with no file to go with it (what train.py stores in checkpoints)."""
     spec = dict(meta["tokenizer"])
@@ -553,8 +558,7 @@ def prepare(cfg: Config) -> dict:
         if cfg.vocab_size:
             t0 = time.time()
             tokens = train_bpe(bpe_sample(cfg, files), cfg.vocab_size)
-            (out / "tokenizer.tiktoken.tmp").write_text("".join(
-                f"{base64.b64encode(token).decode()} {rank}\n" for rank, token in enumerate(tokens)))
+            (out / "tokenizer.tiktoken.tmp").write_text(ranks_text(tokens))
             enc = load_tokenizer(spec | {"ranks_file": "tokenizer.tiktoken.tmp"}, out)
             print(f"trained a BPE of {len(tokens)} tokens (+ eot) in {time.time() - t0:.1f}s", file=sys.stderr)
 

@@ -15,7 +15,6 @@ as config.json["tiktoken_spec"] (BPE ranks beside it, in tokenizer.tiktoken): th
 looks. Other Llama folders need --tokenizer.
 """
 import argparse
-import base64
 import codecs
 import itertools
 import json
@@ -26,7 +25,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from model import ModelConfig, Transformer, from_hf, to_hf
-from prepare import load_tokenizer
+from prepare import load_tokenizer, ranks_text
 from train import load_checkpoint as read_checkpoint
 
 
@@ -172,7 +171,6 @@ def load_hf_dir(folder, tokenizer_name):
 
 # --- Generation --------------------------------------------------------------
 
-@torch.no_grad()
 def decode_stream(enc, ids):
     """Text of a stream of token ids, in pieces of complete characters: a token can end inside a
     multi-byte UTF-8 character (r50k_base splits most emoji over 2-3 tokens), so its bytes wait for
@@ -266,7 +264,7 @@ def export_hf(model, enc, spec, eot_id, folder):
     os.makedirs(folder, exist_ok=True)
     if spec["kind"] == "bpe":  # the ranks go beside config.json rather than inside it
         with open(os.path.join(folder, "tokenizer.tiktoken"), "w") as f:
-            f.writelines(f"{base64.b64encode(t).decode()} {i}\n" for t, i in enc._mergeable_ranks.items())
+            f.write(ranks_text(sorted(enc._mergeable_ranks, key=enc._mergeable_ranks.get)))
         spec = {**{k: v for k, v in spec.items() if k not in ("ranks", "ranks_file")}, "ranks_file": "tokenizer.tiktoken"}
     save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, "model.safetensors"),
               metadata={"format": "pt"})
@@ -287,12 +285,13 @@ def main(argv=None):
     if cfg.export_hf:
         return export_hf(model, enc, spec, eot_id, cfg.export_hf)
     model.to(device).eval()
-    runner = torch.compile(model) if cfg.compile else model
+    if cfg.compile:  # in place, so the forward calls inside model.generate_stream are the compiled ones
+        model.compile()
     generator = torch.Generator(device).manual_seed(cfg.seed)  # our own: no other code draws from it
     autocast = torch.autocast(device.type, dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32")
     with autocast:
         for text in [prompt] if prompt is not None else typed_prompts():
-            complete(runner, enc, text, cfg, eot_id, generator)
+            complete(model, enc, text, cfg, eot_id, generator)
 
 if __name__ == "__main__":
     try:

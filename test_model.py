@@ -933,6 +933,17 @@ def test_same_seed_same_text(small_ckpt, capsys):
     assert first != second  # the samples of one run differ: the generator runs on
 
 
+def test_compile_compiles_the_forward_generate_calls(small_ckpt, capsys):
+    import torch._dynamo
+    args = ["--ckpt", small_ckpt, "--prompt", " the", "--max-new-tokens", 12, "--temperature", 0]
+    eager = run_main(capsys, *args).out
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = run_main(capsys, *args, "--compile").out
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the model really went through dynamo
+    assert compiled == eager
+
+
 def test_long_prompt_is_cropped_from_the_left(small_ckpt, capsys):
     model, enc, _, eot = sample.load_checkpoint(small_ckpt)
     prompt = " and you the hell" * 30
