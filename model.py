@@ -1,16 +1,13 @@
-"""
-A Llama-style decoder-only transformer, written to be read top to bottom.
+"""A Llama-style decoder-only transformer, written to be read top to bottom.
 
     from model import ModelConfig, Transformer
     model = Transformer(ModelConfig(vocab_size=50304, n_layer=12, n_head=12, n_embd=768))
     logits, loss = model(idx, targets)          # training: idx, targets (B, T) int64
     out = model.generate(idx, max_new_tokens=100, temperature=0.8, top_k=200)
 
-The Llama recipe: RoPE instead of absolute positions, pre-norm blocks x + f(norm(x)) with RMSNorm
-in fp32, grouped-query attention (n_kv_head <= n_head key/value heads, each shared by a group of
-queries), a SwiGLU MLP, no biases, a final norm, and an lm_head optionally tied to the embedding.
-Ablations swap parts for GPT-2's: pos_emb (learned | none), mlp (gelu), norm (layernorm).
-Parameter names are Hugging Face LlamaForCausalLM's without "model.", so to_hf/from_hf are renames.
+Llama is GPT-2 with rotary positions (RoPE), pre-norm RMSNorm in fp32, grouped-query attention,
+a SwiGLU MLP and no biases. Ablations put GPT-2's parts back: pos_emb, mlp, norm. Parameter names
+are Hugging Face LlamaForCausalLM's without "model.", so to_hf/from_hf are renames.
 
 Dimensions: B batch, T positions in this call, S cached positions, C = n_embd, H query heads,
 Hkv key/value heads, D = C // H head dim, V vocab size.
@@ -22,18 +19,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 # --- Config ------------------------------------------------------------------
-
 @dataclass
 class ModelConfig:
     vocab_size: int = 50304
     n_layer: int = 12
     n_head: int = 12
-    n_kv_head: int = 12        # = n_head: multi-head; < n_head: grouped-query; 1: multi-query
+    n_kv_head: int = 12        # = n_head: multi-head; < n_head: grouped-query (GQA); 1: multi-query
     n_embd: int = 768
     ffn_hidden: int = 0        # 0: derived (Llama's rule for swiglu, 4 * n_embd for gelu)
-    multiple_of: int = 256     # Llama rounds the derived ffn_hidden up to a multiple of this
+    multiple_of: int = 256     # Llama rounds the derived ffn_hidden up to a multiple of this (fast matmuls)
     max_seq_len: int = 1024
     rope_theta: float = 10000.0  # Llama 2: 1e4, Llama 3: 5e5
     norm_eps: float = 1e-5
@@ -44,56 +39,44 @@ class ModelConfig:
     norm: str = "rmsnorm"      # rmsnorm | layernorm
 
     def __post_init__(self):
+        def check(ok, problem):  # each message names the values, so the fix is obvious
+            if not ok:
+                raise ValueError(problem)
         for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "multiple_of", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+            check(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
         for name, choices in [("pos_emb", ("rope", "learned", "none")), ("mlp", ("swiglu", "gelu")),
                               ("norm", ("rmsnorm", "layernorm"))]:
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {choices}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if self.n_head % self.n_kv_head:
-            raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
-        if self.pos_emb == "rope" and self.head_dim % 2:
-            raise ValueError(f"head dim n_embd/n_head={self.head_dim} is odd; RoPE rotates pairs of channels")
-        if not 0 <= self.dropout < 1 or self.rope_theta <= 0 or self.norm_eps <= 0 or self.ffn_hidden < 0:
-            raise ValueError(f"need 0 <= dropout < 1, rope_theta > 0, norm_eps > 0, ffn_hidden >= 0; got "
-                             f"dropout={self.dropout}, rope_theta={self.rope_theta}, norm_eps={self.norm_eps}, "
-                             f"ffn_hidden={self.ffn_hidden}")
-        if self.ffn_hidden == 0:  # SwiGLU has 3 matrices, GELU 2: Llama takes 2/3 of 4C to keep the parameter
-            # count the same, rounded up to a multiple of `multiple_of` for fast matmuls.
+            check(getattr(self, name) in choices, f"{name}={getattr(self, name)!r} is not one of {choices}")
+        check(self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        check(self.n_head % self.n_kv_head == 0, f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        check(self.pos_emb != "rope" or self.head_dim % 2 == 0,
+              f"head dim n_embd/n_head={self.head_dim} is odd; RoPE rotates pairs of channels")
+        check(0 <= self.dropout < 1 and self.rope_theta > 0 and self.norm_eps > 0 and self.ffn_hidden >= 0,
+              f"need 0 <= dropout < 1, rope_theta > 0, norm_eps > 0, ffn_hidden >= 0; got dropout={self.dropout}, "
+              f"rope_theta={self.rope_theta}, norm_eps={self.norm_eps}, ffn_hidden={self.ffn_hidden}")
+        if self.ffn_hidden == 0:  # SwiGLU has 3 matrices to GELU's 2: 2/3 of 4C keeps the parameter count
             hidden = 4 * self.n_embd if self.mlp == "gelu" else int(2 * 4 * self.n_embd / 3)
             self.ffn_hidden = self.multiple_of * math.ceil(hidden / self.multiple_of)
 
-    @property
-    def head_dim(self):
-        return self.n_embd // self.n_head
-
+    head_dim = property(lambda self: self.n_embd // self.n_head)  # D; a property, so not a field
 
 # --- Normalization -----------------------------------------------------------
-
 class RMSNorm(nn.Module):
     """x / rms(x) * weight (Zhang & Sennrich 2019): LayerNorm without the mean and the bias."""
-
     def __init__(self, dim, eps):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         # fp32 math: the mean of squares of bf16 activations loses too many bits; HF does the same.
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.type_as(x)
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
 
 def make_norm(cfg):  # "layernorm": GPT-2's norm (without bias), for ablations
     norm = RMSNorm if cfg.norm == "rmsnorm" else lambda dim, eps: nn.LayerNorm(dim, eps, bias=False)
     return norm(cfg.n_embd, cfg.norm_eps)
 
-
 # --- Rotary position embedding (Su et al. 2021) ------------------------------
-
 def rope_tables(head_dim, max_seq_len, theta):
     """cos and sin tables (max_seq_len, D) in fp32 for every position and channel."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (D/2,)
@@ -109,22 +92,19 @@ def apply_rope(x, cos, sin):
     rotated = torch.cat([-x2, x1], dim=-1)       # (B, H, T, D)
     return (x.float() * cos + rotated.float() * sin).type_as(x)
 
-
 # --- KV cache and attention --------------------------------------------------
-
 class KVCache:
-    """Keys and values of past positions in preallocated buffers (B, Hkv, S_max, D), written in place."""
-
-    def __init__(self, batch_size, n_kv_head, max_len, head_dim, dtype, device):
-        shape = (batch_size, n_kv_head, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+    """Keys and values of past positions in buffers (B, Hkv, S_max, D), written in place. The first
+    update allocates them in k's dtype: under autocast that is bf16 or fp16, half of fp32's memory."""
+    def __init__(self, max_len):
+        self.max_len, self.k, self.v = max_len, None, None
 
     def update(self, pos, k, v):
         """Store k, v (B, Hkv, T, D) at positions pos..pos+T-1; return all keys/values so far."""
-        T = k.size(2)
-        self.k[:, :, pos:pos + T] = k
-        self.v[:, :, pos:pos + T] = v
+        B, Hkv, T, D = k.size()
+        if self.k is None:
+            self.k, self.v = k.new_zeros(B, Hkv, self.max_len, D), v.new_zeros(B, Hkv, self.max_len, D)
+        self.k[:, :, pos:pos + T], self.v[:, :, pos:pos + T] = k, v
         return self.k[:, :, :pos + T], self.v[:, :, :pos + T]   # (B, Hkv, pos+T, D) each
 
 class Attention(nn.Module):
@@ -135,8 +115,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
-        self.dropout = cfg.dropout
-        self.use_rope = cfg.pos_emb == "rope"
+        self.dropout, self.use_rope = cfg.dropout, cfg.pos_emb == "rope"
         self.cache = None  # a KVCache while generate() runs
 
     def forward(self, x, cos, sin, pos):
@@ -151,19 +130,15 @@ class Attention(nn.Module):
         S = k.size(2)
         # Query t (at position pos + t) sees keys 0..pos+t: one query (decoding) sees all; a block from 0
         # is the causal triangle; a block after cached keys needs it shifted by pos (is_causal cannot).
-        mask, causal = None, T > 1 and S == T
-        if T > 1 and S > T:
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)  # (T, S)
+        mask = None if T == 1 or S == T else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
         # enable_gqa: each group of H/Hkv query heads reads its K/V head in place (HF's repeat_kv copies).
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1 and mask is None,
                                            dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=self.n_kv_head != self.n_head)     # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)       # (B, T, C)
         return self.o_proj(y)
 
-
 # --- MLP and block -----------------------------------------------------------
-
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -180,7 +155,6 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm residual block: each sublayer reads a normalized copy and adds to the stream."""
-
     def __init__(self, cfg):
         super().__init__()
         self.input_layernorm = make_norm(cfg)
@@ -191,12 +165,9 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, pos):
         x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, pos))
-        x = x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
-        return x
-
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 # --- The model ---------------------------------------------------------------
-
 class Transformer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -217,24 +188,21 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        """Init: every matrix ~ N(0, 0.02) as in GPT-2 and Llama; the two matrices that write into
-        the residual stream (o_proj, down_proj) use 0.02 / sqrt(2 * n_layer), so the stream's
-        variance does not grow with depth (GPT-2 paper, section 2.3); norm weights start at 1."""
-        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        """Every matrix ~ N(0, 0.02) as in GPT-2 and Llama, norm weights 1; the two matrices that write
+        into the residual stream get 0.02 / sqrt(2 * n_layer), so its variance does not grow with depth."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)  # GPT-2 paper, section 2.3
         for name, p in self.named_parameters():  # a tied matrix is listed once
             if p.dim() == 1:
                 nn.init.ones_(p)
             else:
-                std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
-                nn.init.normal_(p, mean=0.0, std=std)
+                nn.init.normal_(p, std=residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02)
 
     def forward(self, idx, targets=None, pos=0):
-        """idx (B, T) token ids at positions pos..pos+T-1 -> (logits, loss).
-        With targets (B, T) (-1 = ignore): logits (B, T, V) and the mean cross-entropy.
-        Without: logits (B, 1, V) for the last position only, the only one sampling needs."""
+        """idx (B, T) token ids at positions pos..pos+T-1 -> (logits, loss). With targets (B, T), -1 =
+        ignore: all logits (B, T, V) and the mean loss; without: (B, 1, V) for the last position only."""
         B, T = idx.size()
         if pos + T > self.config.max_seq_len:
-            raise ValueError(f"positions up to {pos + T} > max_seq_len={self.config.max_seq_len}")
+            raise ValueError(f"positions up to {pos + T} > max_seq_len={self.config.max_seq_len}; crop from the left")
         x = self.embed_tokens(idx)                                                        # (B, T, C)
         if self.embed_positions is not None:
             x = x + self.embed_positions(torch.arange(pos, pos + T, device=idx.device))  # (B, T, C)
@@ -248,76 +216,57 @@ class Transformer(nn.Module):
         loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-1)
         return logits, loss
 
-    @torch.no_grad()
     def generate(self, idx, max_new_tokens, **sampling):
-        """idx (B, T) followed by up to max_new_tokens sampled tokens: (B, T + new). The sampling
-        options (temperature, top_k, top_p, eos_id, generator, vocab_size) are generate_stream's."""
+        """idx (B, T) plus up to max_new_tokens sampled tokens (B, T + new); options: generate_stream's."""
         return torch.cat([idx, *self.generate_stream(idx, max_new_tokens, **sampling)], dim=1)
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
                         generator=None, vocab_size=None):
-        """Yield the next token ids (B, 1) continuing idx (B, T), one step at a time (sample.py prints
-        them as they come). The prompt runs once ("prefill") into a KV cache, then each step feeds
-        one token; when the context is full the cache restarts from the most recent half of the text.
-        A row that emits eos_id repeats it; the stream ends when every row has. vocab_size limits
-        sampling to the tokenizer's ids when the embedding is padded past them (for faster matmuls)."""
+        """Yield next ids (B, 1) after idx (B, T), one step at a time. A row that emits eos_id repeats it
+        and the stream ends when all have; vocab_size keeps sampling off ids padded past the tokenizer's."""
         B, T = idx.size()
-        S_max = self.config.max_seq_len
-        if T > S_max:
-            raise ValueError(f"prompt of {T} tokens > max_seq_len={S_max}; crop it from the left")
-        was_training = self.training
-        self.eval()
-        device = idx.device
-        # Under autocast k and v come out in the low-precision dtype: store them that way.
-        dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
-                 else self.lm_head.weight.dtype)
+        S_max, was_training = self.config.max_seq_len, self.training
         for layer in self.layers:
-            layer.self_attn.cache = KVCache(B, self.config.n_kv_head, min(S_max, T + max_new_tokens),
-                                            self.config.head_dim, dtype, device)
+            layer.self_attn.cache = KVCache(max_len=min(S_max, T + max_new_tokens))
         try:
-            logits, _ = self(idx)                                                         # (B, 1, V)
-            pos, done = T, torch.zeros(B, dtype=torch.bool, device=device)
+            self.eval()
+            logits, _ = self(idx)  # "prefill": one pass over the prompt fills the cache   (B, 1, V)
+            pos, done = T, torch.zeros(B, dtype=torch.bool, device=idx.device)
             for step in range(max_new_tokens):
                 next_id = sample_next(logits[:, -1, :vocab_size], temperature, top_k, top_p, generator)  # (B, 1)
                 if eos_id is not None:
                     next_id = next_id.masked_fill(done[:, None], eos_id)
                     done |= next_id[:, 0] == eos_id
                 yield next_id
-                if step == max_new_tokens - 1 or (eos_id is not None and done.all()):
+                if step == max_new_tokens - 1 or done.all():
                     break
                 idx = torch.cat([idx, next_id], dim=1)
-                if pos == S_max:  # context full: re-encode the recent half and go on from there
-                    recent = idx[:, -max(1, S_max // 2):]
-                    logits, _ = self(recent)
-                    pos = recent.size(1)
-                else:
-                    logits, _ = self(next_id, pos=pos)
-                    pos += 1
+                if pos == S_max:  # context full: restart the cache from the most recent half of the text
+                    pos, next_id = 0, idx[:, -max(1, S_max // 2):]
+                logits, _ = self(next_id, pos=pos)  # "decode": only the new token; the rest is cached
+                pos += next_id.size(1)
         finally:
             for layer in self.layers:
                 layer.self_attn.cache = None
             self.train(was_training)
 
     def num_params(self, embeddings=True):
-        """Parameter count. embeddings=False leaves out the token and position embeddings and an
-        untied lm_head: Kaplan et al.'s "non-embedding" N used in scaling laws."""
+        """Parameter count; embeddings=False leaves out the embedding tables and an untied lm_head."""
         n = sum(p.numel() for p in self.parameters())  # a tied matrix counts once
-        if not embeddings:
+        if not embeddings:  # Kaplan et al.'s "non-embedding" N of the scaling laws
             tables = [self.embed_tokens, self.embed_positions, None if self.config.tie_embeddings else self.lm_head]
             n -= sum(m.weight.numel() for m in tables if m is not None)
         return n
 
     def flops_per_token(self, seq_len):
         """Training FLOPs per token (forward + backward; PaLM, appendix B): 6 per matmul weight (lm_head
-        included, embedding lookup not) + 12 * L * H * D * T for attention, without the causal saving."""
-        cfg = self.config
+        included, embedding lookup not) + 12 * L * C * T for attention (C = H * D), without the causal saving."""
         matmul_weights = self.num_params(embeddings=False) + self.lm_head.weight.numel()
-        return 6 * matmul_weights + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+        return 6 * matmul_weights + 12 * self.config.n_layer * self.config.n_embd * seq_len
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Next ids (B, 1) from logits (B, V): argmax at temperature 0, else a draw after top-k (the k
-    largest) and top-p (the smallest set of most likely ids whose probability reaches p)."""
+    """Next ids (B, 1) from logits (B, V): the argmax at temperature 0, else a draw after top-k and top-p."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
@@ -327,30 +276,25 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     probs = F.softmax(logits, dim=-1)                                                     # (B, V)
     if top_p is not None and top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)                         # (B, V)
-        # Drop a token if the tokens ranked above it already reach top_p.
+        # Nucleus: the fewest most likely ids that reach top_p; drop ids whose betters already reach it.
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
     return torch.multinomial(probs, num_samples=1, generator=generator)                   # (B, 1)
 
-
-# --- Hugging Face interop ----------------------------------------------------
-# Pure functions on state dicts and config.json dicts; the caller does the file I/O.
-
+# --- Hugging Face interop: pure functions on state dicts and config.json dicts; the caller does I/O
 def to_hf(state_dict, cfg):
     """Our state dict + ModelConfig -> (LlamaForCausalLM state dict, config.json dict)."""
     if (cfg.pos_emb, cfg.mlp, cfg.norm) != ("rope", "swiglu", "rmsnorm"):
-        raise ValueError(f"only the Llama architecture exports; got pos_emb={cfg.pos_emb}, "
-                         f"mlp={cfg.mlp}, norm={cfg.norm}")
+        raise ValueError(f"only Llama exports; got pos_emb={cfg.pos_emb}, mlp={cfg.mlp}, norm={cfg.norm}")
     hf = {("" if name == "lm_head.weight" else "model.") + name: t for name, t in state_dict.items()}
     if cfg.tie_embeddings:
         del hf["lm_head.weight"]  # HF ties lm_head to embed_tokens again when it loads
-    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=cfg.vocab_size,
-                  hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_hidden, num_hidden_layers=cfg.n_layer,
-                  num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
-                  max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
-                  tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
-                  rope_theta=cfg.rope_theta,  # transformers < 5 reads this, >= 5 rope_parameters
-                  rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
+    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", attention_bias=False,
+                  mlp_bias=False, vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_hidden,
+                  num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+                  head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+                  tie_word_embeddings=cfg.tie_embeddings, rope_theta=cfg.rope_theta,  # read by transformers < 5;
+                  rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})  # by >= 5
     return hf, config
 
 def from_hf(hf_state_dict, hf_config):
@@ -366,7 +310,7 @@ def from_hf(hf_state_dict, hf_config):
                       n_kv_head=hf_config.get("num_key_value_heads") or n_head, n_embd=C,
                       ffn_hidden=hf_config["intermediate_size"], max_seq_len=hf_config["max_position_embeddings"],
                       rope_theta=float(rope.get("rope_theta", hf_config.get("rope_theta", 10000.0))),
-                      norm_eps=hf_config.get("rms_norm_eps", 1e-6),
+                      norm_eps=hf_config.get("rms_norm_eps", 1e-6),  # LlamaConfig's defaults
                       tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)))
     # Anything else (rotary_emb.inv_freq in old checkpoints) is derived from the config, not learned.
     state_dict = {name.removeprefix("model."): t for name, t in hf_state_dict.items()

@@ -135,7 +135,7 @@ def test_kv_cache_decode_equals_full_forward():
     with torch.no_grad():
         full = full_logits(model, ref)
         for layer in model.layers:
-            layer.self_attn.cache = KVCache(2, 2, 29, 8, torch.float32, "cpu")
+            layer.self_attn.cache = KVCache(max_len=29)
         got = [model(ref[:, :9], targets=torch.zeros_like(ref[:, :9]))[0]]
         for t in range(9, 24):
             got.append(model(ref[:, t:t + 1], pos=t)[0])
@@ -224,7 +224,7 @@ def test_ablations_run_forward_and_backward(pos_emb, mlp, norm):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
     assert model.generate(idx[:, :4], 6, temperature=0).shape == (2, 10)
     if (pos_emb, mlp, norm) != ("rope", "swiglu", "rmsnorm"):
-        with pytest.raises(ValueError, match="only the Llama architecture"):
+        with pytest.raises(ValueError, match="only Llama exports"):
             to_hf(model.state_dict(), model.config)
 
 
@@ -260,8 +260,26 @@ def test_config_errors_name_the_values(overrides, message):
 
 def test_sequence_longer_than_context_is_an_error():
     model = random_model(max_seq_len=16)
-    with pytest.raises(ValueError, match="positions up to 17 > max_seq_len=16"):
+    with pytest.raises(ValueError, match="positions up to 17 > max_seq_len=16; crop from the left"):
         model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match="positions up to 17 > max_seq_len=16"):  # a prompt too long to prefill
+        model.generate(torch.zeros(1, 17, dtype=torch.long), 5)
+    assert all(layer.self_attn.cache is None for layer in model.layers)  # cleaned up after the error
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}), "RoPE scaling"),
+    (dict(rope_parameters=None, rope_scaling={"type": "linear", "factor": 2.0}), "RoPE scaling"),  # transformers 4
+    (dict(hidden_act="gelu"), "silu and no biases"),
+    (dict(attention_bias=True), "silu and no biases"),
+    (dict(head_dim=16), "head_dim \\* heads = hidden_size"),
+])
+def test_from_hf_refuses_what_it_cannot_represent(change, message):
+    """A config our model cannot express exactly is an error, not a silently different model."""
+    state, config = to_hf(random_model().state_dict(), tiny_config())
+    from_hf(state, config)  # the unchanged config imports
+    with pytest.raises(ValueError, match=message):
+        from_hf(state, {**config, **change})
 
 # -----------------------------------------------------------------------------
 # sampling (model.sample_next)

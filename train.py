@@ -495,6 +495,7 @@ def main(argv):
         if cfg.device.startswith("cuda"):
             cfg.device = f"cuda:{local_rank}"
             torch.cuda.set_device(cfg.device)
+        from torch import _dynamo  # noqa: F401  (before init_process_group: see shut_down_processes)
         dist.init_process_group(backend="nccl" if cfg.device.startswith("cuda") else "gloo")
     device = torch.device(cfg.device)
     if cfg.dtype == "auto":  # bf16 needs no loss scaling; fp16 does (GradScaler); CPU and MPS stay fp32
@@ -529,10 +530,9 @@ def main(argv):
     tokenizer = ckpt["tokenizer"] if ckpt is not None else tokenizer_spec_inline(meta, cfg.data)
     eot_id = ckpt["eot_id"] if ckpt is not None else meta["eot_id"]
     enc = load_tokenizer(tokenizer)
-    model = torch.compile(raw_model) if use_compile else raw_model
-    if ddp:
+    model = eval_model = torch.compile(raw_model) if use_compile else raw_model  # no DDP for evaluation:
+    if ddp and not cfg.eval_only:  # its forward may sync buffers, and --eval-only needs no gradients
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    eval_model = model.module if ddp else model  # no DDP for evaluation: its forward may sync buffers
     val = TokenWindows(cfg.data, meta, "val", T, model_cfg.vocab_size) if meta else None
     os.makedirs(cfg.out_dir, exist_ok=True)
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
@@ -700,8 +700,12 @@ def main(argv):
 
 
 def shut_down_processes():
-    # A rank that tears the process group down while another is still finishing its last collective
-    # can abort that rank (seen with gloo: "terminate called without an active exception").
+    # The process group's worker threads must be gone before the interpreter exits: one still freeing
+    # a finished collective then needs the GIL and aborts the exit ("terminate called without an active
+    # exception", gloo, ~1 run in 20 under load). destroy_process_group frees them, but with torch 2.13
+    # only if torch._dynamo was imported before init_process_group; torch.optim imports it lazily,
+    # which then keeps the group alive, so main imports it first. The barrier lets every
+    # rank finish its last collective before any rank tears down.
     dist.barrier()
     dist.destroy_process_group()
 
