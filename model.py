@@ -213,7 +213,7 @@ class Transformer(nn.Module):
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None                                      # (B, 1, V)
         logits = self.lm_head(x)                                                          # (B, T, V)
-        loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-1)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)  # (B*T, V), (B*T,)
         return logits, loss
 
     def generate(self, idx, max_new_tokens, **sampling):
