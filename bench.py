@@ -212,8 +212,8 @@ def bench_decode(cfg, ours, theirs, device, autocast):
     n, outputs = cfg.decode_new_tokens, {}
     fns = {"ours": lambda: ours.generate(prompt, n, temperature=0.0)}
     if theirs is not None:  # otherwise HF's defaults, its dynamic KV cache included
-        fns["hf"] = lambda: theirs.generate(prompt, max_new_tokens=n, do_sample=False,
-                                            attention_mask=torch.ones_like(prompt))
+        mask = torch.ones_like(prompt)
+        fns["hf"] = lambda: theirs.generate(prompt, max_new_tokens=n, do_sample=False, attention_mask=mask)
     fns["ours_no_cache"] = lambda: naive_generate(ours, prompt, n)
 
     def run(name):
@@ -248,15 +248,15 @@ def bench_tokenize(cfg, text):
     import tiktoken
     docs = [d for d in text.split("\n\n") if d.strip()]  # paragraphs stand in for documents
     enc = tiktoken.get_encoding("r50k_base")
+    pieces = [(d, True) for d in docs]  # (text, starts a document): every paragraph is a whole document
     # prepare.py's path that feeds the shards: batches of documents, eot before each, uint16 arrays.
-    runs = {"prepare": lambda: sum(len(ids) for ids, _ in prepare.tokenize_documents(enc, [(d, True) for d in docs])),
+    runs = {"prepare": lambda: sum(len(ids) for ids, _ in prepare.tokenize_documents(enc, pieces)),
             "tiktoken": lambda: enc.encode_ordinary_batch(docs, num_threads=1),
             # the batch call hands each document to a thread pool; a plain loop is tiktoken's fastest path
             "tiktoken_loop": lambda: [enc.encode_ordinary(d) for d in docs]}
-    for fn in runs.values():  # warm-up
-        fn()
+    warm_up = {name: fn() for name, fn in runs.items()}
     secs = interleaved(runs, cfg.repeats, torch.device("cpu"))
-    tokens = sum(len(ids) for ids in enc.encode_ordinary_batch(docs, num_threads=1))
+    tokens = sum(len(ids) for ids in warm_up["tiktoken"])
     tok_s = {k: tokens / statistics.median(secs[k]) for k in runs}
     return {"documents": len(docs), "tokens": tokens, **{f"{k}_tok_s": round(v, 1) for k, v in tok_s.items()},
             "ratio": round(tok_s["prepare"] / tok_s["tiktoken"], 3),
@@ -289,7 +289,8 @@ def main(argv):
         die(f"--text-file={cfg.text_file} does not exist")
 
     # One thread count for everything; HF runs in this process, so it shares it.
-    torch.set_num_threads(cfg.threads or torch.get_num_threads())
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     dtype = getattr(torch, cfg.dtype)
     # Low precision as train.py does it: fp32 weights, autocast around the forward and loss.
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()

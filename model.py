@@ -232,18 +232,19 @@ class Transformer(nn.Module):
         try:
             self.eval()
             logits, _ = self(idx)  # "prefill": one pass over the prompt fills the cache   (B, 1, V)
-            pos, done = T, torch.zeros(B, dtype=torch.bool, device=idx.device)
+            pos, done, text = T, torch.zeros(B, dtype=torch.bool, device=idx.device), [idx]
             for step in range(max_new_tokens):
                 next_id = sample_next(logits[:, -1, :vocab_size], temperature, top_k, top_p, generator)  # (B, 1)
                 if eos_id is not None:
                     next_id = next_id.masked_fill(done[:, None], eos_id)
                     done |= next_id[:, 0] == eos_id
                 yield next_id
-                if step == max_new_tokens - 1 or done.all():
+                if step == max_new_tokens - 1 or (eos_id is not None and done.all()):  # (a GPU sync)
                     break
-                idx = torch.cat([idx, next_id], dim=1)
+                text.append(next_id)  # concatenated only when the cache restarts, not every step
                 if pos == S_max:  # context full: restart the cache from the most recent half of the text
-                    pos, next_id = 0, idx[:, -max(1, S_max // 2):]
+                    text = [torch.cat(text, dim=1)[:, -max(1, S_max // 2):]]
+                    pos, next_id = 0, text[0]
                 logits, _ = self(next_id, pos=pos)  # "decode": only the new token; the rest is cached
                 pos += next_id.size(1)
         finally:

@@ -186,8 +186,10 @@ def read_txt(path: str, separator: str | None, chunk_chars: int, stats: dict):
         while True:
             block = f.read(chunk_chars)
             buf += decoder.decode(block, final=not block)
-            if separator:  # every separator ends a document
+            if separator:  # every separator ends a document, and so does the end of the file
                 *docs, buf = buf.split(separator)
+                if not block:
+                    docs, buf = docs + [buf], ""
                 for doc in docs:
                     doc = doc.strip() if new_doc else doc.rstrip()
                     if doc:
@@ -199,7 +201,6 @@ def read_txt(path: str, separator: str | None, chunk_chars: int, stats: dict):
             if cut:  # a long document: pass on what we have of it, up to a safe cut
                 yield (buf[:cut].lstrip() if separator and new_doc else buf[:cut]), new_doc
                 buf, new_doc = buf[cut:], False
-    buf = (buf.strip() if new_doc else buf.rstrip()) if separator else buf
     if buf:
         yield buf, new_doc
 
@@ -448,18 +449,20 @@ def tokenize_documents(enc, pieces, dtype="uint16", num_proc=1, batch_chars=1_00
 
 class ShardWriter:
     """Appends one split's tokens to <split>_0000.bin.tmp, <split>_0001.bin.tmp, ... of at most shard_tokens
-    tokens each, counting the tokens of each shard and the documents (eot tokens)."""
+    tokens each, counting the tokens of each shard and the documents started in it."""
 
     def __init__(self, folder: Path, split: str, dtype: str, shard_tokens: int, eot: int):
         self.folder, self.split, self.dtype, self.shard_tokens, self.eot = folder, split, dtype, shard_tokens, eot
         self.counts, self.documents, self.file = [], 0, None
+        self.file_dtype = np.dtype(dtype).newbyteorder("<")  # little-endian on any machine
 
     def path(self, i: int) -> Path:
         return self.folder / f"{self.split}_{i:04d}.bin.tmp"
 
-    def write(self, ids: np.ndarray):
-        self.documents += int(np.count_nonzero(ids == self.eot))
-        ids = ids.astype(np.dtype(self.dtype).newbyteorder("<"), copy=False)  # little-endian on any machine
+    def write(self, ids: np.ndarray, documents: int = 0):
+        """Append ids, which start `documents` new documents."""
+        self.documents += documents
+        ids = ids.astype(self.file_dtype, copy=False)
         while len(ids):
             if self.file is None or self.counts[-1] == self.shard_tokens:
                 self.close()
@@ -494,8 +497,12 @@ def move_tail(train: ShardWriter, val: ShardWriter, n: int):
             with open(train.path(i), "rb") as f:
                 f.seek(stay * itemsize)
                 for block in iter(lambda: f.read(1 << 24), b""):
-                    val.write(np.frombuffer(block, dtype=train.dtype))
-            os.truncate(train.path(i), stay * itemsize) if stay else os.remove(train.path(i))
+                    ids = np.frombuffer(block, dtype=train.file_dtype)
+                    val.write(ids, int(np.count_nonzero(ids == train.eot)))  # eot starts each document
+            if stay:
+                os.truncate(train.path(i), stay * itemsize)
+            else:
+                os.remove(train.path(i))
         if stay:
             train.counts.append(stay)
         start += count
@@ -558,8 +565,9 @@ def prepare(cfg: Config) -> dict:
         if cfg.vocab_size:
             t0 = time.time()
             tokens = train_bpe(bpe_sample(cfg, files), cfg.vocab_size)
-            (out / "tokenizer.tiktoken.tmp").write_text(ranks_text(tokens))
-            enc = load_tokenizer(spec | {"ranks_file": "tokenizer.tiktoken.tmp"}, out)
+            ranks = ranks_text(tokens)
+            (out / "tokenizer.tiktoken.tmp").write_text(ranks)
+            enc = load_tokenizer(spec | {"ranks": ranks})
             print(f"trained a BPE of {len(tokens)} tokens (+ eot) in {time.time() - t0:.1f}s", file=sys.stderr)
 
         # tokenize, holding out every k-th document for val
@@ -575,7 +583,7 @@ def prepare(cfg: Config) -> dict:
             if new_doc:
                 writer = val if k and docs % k == k - 1 else train
                 docs += 1
-            writer.write(ids)
+            writer.write(ids, int(new_doc))
             ntok += len(ids)
             if time.time() - shown > 0.5:
                 shown = time.time()
@@ -584,7 +592,7 @@ def prepare(cfg: Config) -> dict:
             progress("\n")
         if ntok == 0:
             raise PrepareError(f"the corpus is empty: no text in {source}; check --input, --dataset, --text-field")
-        if k and not val.documents:  # too few documents to hold any out: val is the token stream's tail
+        if k and docs < k:  # too few documents to hold any out: val is the token stream's tail
             n_val = max(1, round(cfg.val_fraction * ntok))
             move_tail(train, val, n_val)
             val_split = f"the last {n_val} tokens of the token stream ({docs} documents are fewer than {k})"

@@ -20,49 +20,41 @@ import itertools
 import json
 import os
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 
 from model import ModelConfig, Transformer, from_hf, to_hf
-from prepare import load_tokenizer, ranks_text
-from train import load_checkpoint as read_checkpoint
+from prepare import arg, load_tokenizer, ranks_text
+from train import die, load_checkpoint as read_checkpoint
 
-
-def option(default, help, **argparse_kwargs):
-    return field(default=default, metadata=dict(help=help, **argparse_kwargs))
 
 @dataclass
 class SampleConfig:
-    ckpt: str = option("", "checkpoint written by train.py, e.g. out/<run>/best.pt", metavar="PATH")
-    hf_dir: str = option("", "instead of --ckpt: a Llama folder (config.json + model.safetensors)", metavar="DIR")
-    tokenizer: str = option("", "tiktoken encoding for an --hf-dir folder without our spec, e.g. r50k_base", metavar="NAME")
-    prompt: str | None = option(None, "text to continue; with neither prompt option, ask in the terminal", type=str,
+    ckpt: str = arg("", "checkpoint written by train.py, e.g. out/<run>/best.pt", metavar="PATH")
+    hf_dir: str = arg("", "instead of --ckpt: a Llama folder (config.json + model.safetensors)", metavar="DIR")
+    tokenizer: str = arg("", "tiktoken encoding for an --hf-dir folder without our spec, e.g. r50k_base", metavar="NAME")
+    prompt: str | None = arg(None, "text to continue; with neither prompt option, ask in the terminal", type=str,
                                 metavar="TEXT")
-    prompt_file: str = option("", "read the prompt from this file", metavar="PATH")
-    num_samples: int = option(1, "completions per prompt")
-    max_new_tokens: int = option(200, "tokens per completion (fewer if end-of-text comes first)")
-    temperature: float = option(0.8, "softmax temperature; 0 = greedy")
-    top_k: int | None = option(None, "sample among the k most likely tokens only", type=int)
-    top_p: float = option(0.95, "sample among the most likely tokens whose probability reaches p; 1 = off")
-    seed: int = option(1337, "seed of the sampling generator: the same seed gives the same text")
-    device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
-    dtype: str = option("float32", "autocast dtype; the weights stay fp32", choices=("float32", "bfloat16", "float16"))
-    compile: bool = option(False, "torch.compile the model (pays off for long generations on a GPU)")
-    export_hf: str = option("", "write the model as a Hugging Face Llama folder here, then exit", metavar="DIR")
+    prompt_file: str = arg("", "read the prompt from this file", metavar="PATH")
+    num_samples: int = arg(1, "completions per prompt")
+    max_new_tokens: int = arg(200, "tokens per completion (fewer if end-of-text comes first)")
+    temperature: float = arg(0.8, "softmax temperature; 0 = greedy")
+    top_k: int | None = arg(None, "sample among the k most likely tokens only", type=int)
+    top_p: float = arg(0.95, "sample among the most likely tokens whose probability reaches p; 1 = off")
+    seed: int = arg(1337, "seed of the sampling generator: the same seed gives the same text")
+    device: str = arg("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
+    dtype: str = arg("float32", "autocast dtype; the weights stay fp32", choices=("float32", "bfloat16", "float16"))
+    compile: bool = arg(False, "torch.compile the model (pays off for long generations on a GPU)")
+    export_hf: str = arg("", "write the model as a Hugging Face Llama folder here, then exit", metavar="DIR")
 
-
-def fail(message):
-    """Every user mistake ends here: one line on stderr, exit code 2, no traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 def one_line(e):
     return " ".join(str(e).split())[:300] or type(e).__name__
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own errors (bad number, bad choice) in the same one-line form
-        fail(f"{message} (see python sample.py --help)")
+        die(f"{message} (see python sample.py --help)")
 
 def parse_args(argv=None):
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,7 +79,7 @@ def parse_args(argv=None):
         (cfg.max_new_tokens < 1, f"--max-new-tokens={cfg.max_new_tokens} must be >= 1"),
     ]:
         if bad:
-            fail(message)
+            die(message)
     return cfg
 
 
@@ -99,11 +91,11 @@ def read_prompt(cfg):
             with open(cfg.prompt_file, encoding="utf-8") as f:
                 prompt = f.read()
         except (OSError, UnicodeDecodeError) as e:
-            fail(f"cannot read --prompt-file: {one_line(e)}")
+            die(f"cannot read --prompt-file: {one_line(e)}")
     if prompt == "":
-        fail("the prompt is empty; give the text to continue with --prompt or --prompt-file")
+        die("the prompt is empty; give the text to continue with --prompt or --prompt-file")
     if prompt is None and not cfg.export_hf and not sys.stdin.isatty():
-        fail("no prompt: give --prompt TEXT or --prompt-file FILE (or run in a terminal to type prompts)")
+        die("no prompt: give --prompt TEXT or --prompt-file FILE (or run in a terminal to type prompts)")
     return prompt
 
 def pick_device(name):
@@ -115,14 +107,14 @@ def pick_device(name):
     except (RuntimeError, AssertionError):
         device = None
     if device is None or device.type not in ("cpu", "cuda", "mps"):
-        fail(f"--device {name} is unknown or not on this machine; use auto, cpu, cuda, cuda:N or mps")
+        die(f"--device {name} is unknown or not on this machine; use auto, cpu, cuda, cuda:N or mps")
     return device
 
 def safetensors_torch():
     try:  # optional: only the Hugging Face format needs it
         import safetensors.torch
     except ImportError:
-        fail("the Hugging Face format needs safetensors: pip install safetensors")
+        die("the Hugging Face format needs safetensors: pip install safetensors")
     return safetensors.torch
 
 # --- Loading -----------------------------------------------------------------
@@ -131,9 +123,9 @@ def build_tokenizer(spec, folder, vocab_size):
     try:
         enc = load_tokenizer(spec, folder)
     except Exception as e:  # a bad spec, a missing ranks file, tiktoken offline without its cache
-        fail(f"cannot build the tokenizer from spec {json.dumps(spec)[:100]}: {one_line(e)}")
+        die(f"cannot build the tokenizer from spec {json.dumps(spec)[:100]}: {one_line(e)}")
     if enc.n_vocab > vocab_size:
-        fail(f"the tokenizer has {enc.n_vocab} ids but the model only vocab_size={vocab_size}; wrong tokenizer?")
+        die(f"the tokenizer has {enc.n_vocab} ids but the model only vocab_size={vocab_size}; wrong tokenizer?")
     return enc
 
 def load_checkpoint(path):
@@ -143,7 +135,7 @@ def load_checkpoint(path):
         model = Transformer(ModelConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError) as e:
-        fail(f"{path} does not fit this model.py: {one_line(e)}")
+        die(f"{path} does not fit this model.py: {one_line(e)}")
     spec = ckpt["tokenizer"]
     return model, build_tokenizer(spec, None, model.config.vocab_size), spec, ckpt["eot_id"]
 
@@ -157,13 +149,13 @@ def load_hf_dir(folder, tokenizer_name):
         model = Transformer(cfg)
         model.load_state_dict(state)  # copies into the fp32 parameters, whatever the file's dtype
     except Exception as e:
-        fail(f"cannot load {folder} as a Llama (config.json + model.safetensors): {one_line(e)}")
+        die(f"cannot load {folder} as a Llama (config.json + model.safetensors): {one_line(e)}")
     if tokenizer_name:
         spec = {"kind": "tiktoken", "name": tokenizer_name}
     elif "tiktoken_spec" in hf_config:
         spec = hf_config["tiktoken_spec"]
     else:
-        fail(f"{folder}/config.json has no tiktoken_spec (only --export-hf writes one); "
+        die(f"{folder}/config.json has no tiktoken_spec (only --export-hf writes one); "
              f"name the tokenizer, e.g. --tokenizer r50k_base")
     enc = build_tokenizer(spec, folder, cfg.vocab_size)
     eot_id = enc.eot_token if tokenizer_name else hf_config.get("eos_token_id")
@@ -207,7 +199,7 @@ def complete(model, enc, prompt, cfg, eot_id, generator):
     for _ in range(cfg.num_samples):
         print(prompt, end="", flush=True)
         steps = model.generate_stream(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                      top_p=cfg.top_p, eos_id=eot_id, generator=generator, vocab_size=enc.n_vocab)
+                                      top_p=cfg.top_p, generator=generator, vocab_size=enc.n_vocab)
         new_ids = itertools.takewhile(lambda t: t != eot_id, (int(t) for t in steps))  # eot ends a sample
         for piece in decode_stream(enc, new_ids):
             print(piece, end="", flush=True)
@@ -260,7 +252,7 @@ def export_hf(model, enc, spec, eot_id, folder):
     try:
         state, config = to_hf(model.state_dict(), model.config)
     except ValueError as e:
-        fail(f"cannot export: {e}; Hugging Face Llama has no such variant")
+        die(f"cannot export: {e}; Hugging Face Llama has no such variant")
     os.makedirs(folder, exist_ok=True)
     if spec["kind"] == "bpe":  # the ranks go beside config.json rather than inside it
         with open(os.path.join(folder, "tokenizer.tiktoken"), "w") as f:

@@ -233,9 +233,10 @@ class TokenWindows:
         if int(tokens.max()) >= self.vocab_size:  # cheap, and catches corrupt shards where it matters
             die(f"token id {int(tokens.max())} >= vocab_size={self.vocab_size} in {self.files[k]}: corrupt "
                 f"shard or data from another tokenizer; re-run prepare.py")
-        if device.type == "cuda":
-            tokens = tokens.pin_memory().to(device, non_blocking=True)
-        return tokens[:, :-1].to(device), tokens[:, 1:].to(device)                # (B, T) each
+        if device.type == "cuda":  # page-locked memory lets the copy run without blocking this process
+            tokens = tokens.pin_memory()
+        tokens = tokens.to(device, non_blocking=device.type == "cuda")
+        return tokens[:, :-1], tokens[:, 1:]                                      # (B, T) each
 
 
 class EpochOrder:
@@ -495,7 +496,10 @@ def main(argv):
         if cfg.device.startswith("cuda"):
             cfg.device = f"cuda:{local_rank}"
             torch.cuda.set_device(cfg.device)
-        from torch import _dynamo  # noqa: F401  (before init_process_group: see shut_down_processes)
+        # torch 2.13: importing torch._dynamo after init_process_group (torch.optim does, lazily) keeps
+        # the group alive past destroy_process_group, and its gloo threads then abort the exit (see
+        # shut_down_processes). Imported before, destroy frees it.
+        from torch import _dynamo  # noqa: F401
         dist.init_process_group(backend="nccl" if cfg.device.startswith("cuda") else "gloo")
     device = torch.device(cfg.device)
     if cfg.dtype == "auto":  # bf16 needs no loss scaling; fp16 does (GradScaler); CPU and MPS stay fp32
@@ -700,12 +704,10 @@ def main(argv):
 
 
 def shut_down_processes():
-    # The process group's worker threads must be gone before the interpreter exits: one still freeing
-    # a finished collective then needs the GIL and aborts the exit ("terminate called without an active
-    # exception", gloo, ~1 run in 20 under load). destroy_process_group frees them, but with torch 2.13
-    # only if torch._dynamo was imported before init_process_group; torch.optim imports it lazily,
-    # which then keeps the group alive, so main imports it first. The barrier lets every
-    # rank finish its last collective before any rank tears down.
+    # The barrier lets every rank finish its last collective before any rank tears down. The group's
+    # worker threads must be gone before the interpreter exits: one still freeing a finished
+    # collective then needs the GIL and aborts the exit ("terminate called without an active
+    # exception", seen with gloo in ~1 run of 20 under load).
     dist.barrier()
     dist.destroy_process_group()
 
