@@ -951,6 +951,17 @@ def test_same_seed_same_text(small_ckpt, capsys):
     assert first != second  # the samples of one run differ: the generator runs on
 
 
+def test_a_reader_that_leaves_early_gets_no_traceback(small_ckpt):
+    """python sample.py ... | head: the closed pipe ends the run quietly."""
+    proc = subprocess.Popen([sys.executable, "sample.py", "--ckpt", str(small_ckpt), "--prompt", "To be",
+                             "--max-new-tokens", "400", "--num-samples", "20", "--temperature", "1.0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    proc.stdout.read(5)  # the first characters, then hang up
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1 and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
 def test_compile_compiles_the_forward_generate_calls(small_ckpt, capsys):
     import torch._dynamo
     args = ["--ckpt", small_ckpt, "--prompt", " the", "--max-new-tokens", 12, "--temperature", 0]
