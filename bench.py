@@ -25,48 +25,56 @@ dim), 2 key/value heads (grouped-query attention, as in Llama 3).
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
 from model import ModelConfig, Transformer, to_hf
-from train import die, gpu_peak_flops, parse_args
-
+from common import (autocast, check, die, gpu_peak_flops, one_line, parse_config, parse_flags, pick_device, run_main,
+                    setting)
 
 @dataclass
 class BenchConfig:
-    n_layer: int = 8
-    n_embd: int = 256
-    n_head: int = 4
-    n_kv_head: int = 2
-    vocab_size: int = 8192
-    batch_size: int = 4
-    seq_len: int = 256
-    steps: int = 2               # training steps per timed run
-    repeats: int = 7             # timed runs per model; rows report the median
-    compile: bool = False        # also time torch.compile'd training of both models
-    device: str = "cpu"
-    dtype: str = "float32"       # float32 | bfloat16 | float16 (autocast; weights stay fp32)
-    threads: int = 0             # torch.set_num_threads; 0: torch's default for this machine
-    decode_batch: int = 1
-    decode_prompt_len: int = 32
-    decode_new_tokens: int = 128
-    sections: str = "train,decode,tokenize"
-    text_file: str = ""          # text for the tokenize section
-    peak_flops: float = 0.0      # accelerator peak FLOP/s for MFU; 0: looked up in train.PEAK_FLOPS
-    seed: int = 0
+    n_layer: int = setting(8, "model depth")
+    n_embd: int = setting(256, "model width")
+    n_head: int = setting(4, "query heads")
+    n_kv_head: int = setting(2, "key/value heads")
+    vocab_size: int = setting(8192, "vocabulary size")
+    batch_size: int = setting(4, "sequences per training step")
+    seq_len: int = setting(256, "tokens per training sequence")
+    steps: int = setting(2, "training steps per timed run")
+    repeats: int = setting(7, "timed runs per model; rows report the median")
+    compile: bool = setting(False, "also time torch.compile'd training of both models")
+    device: str = setting("cpu", "cpu, cuda or cuda:N")
+    dtype: str = setting("float32", "float32, bfloat16 or float16 (autocast; weights stay fp32)")
+    threads: int = setting(0, "torch.set_num_threads; 0 = torch's default for this machine")
+    decode_batch: int = setting(1, "sequences decoded at once")
+    decode_prompt_len: int = setting(32, "prompt tokens before decoding")
+    decode_new_tokens: int = setting(128, "tokens decoded per run")
+    sections: str = setting("train,decode,tokenize", "comma list of train, decode, tokenize")
+    text_file: str = setting("", "text for the tokenize section")
+    tokenize_copies: int = setting(10, "the tokenize section's corpus: this many copies of --text-file")
+    peak_flops: float = setting(0.0, "accelerator peak FLOP/s for MFU; 0 = looked up in common.PEAK_FLOPS")
+    seed: int = setting(0, "seed of weights and inputs")
 
+    def __post_init__(self):
+        check(set(self.sections.split(",")) <= {"train", "decode", "tokenize"},
+              f"--sections={self.sections}; use a comma list of train, decode, tokenize")
+        check(self.dtype in ("float32", "bfloat16", "float16"), f"--dtype={self.dtype}; use float32, bfloat16 or float16")
+        for name in ("batch_size", "seq_len", "steps", "repeats", "decode_batch", "decode_prompt_len",
+                     "decode_new_tokens", "tokenize_copies"):
+            check(getattr(self, name) > 0, f"--{name.replace('_', '-')}={getattr(self, name)} must be positive")
+        check(self.threads >= 0, f"--threads={self.threads}; use 0 for torch's default or a positive count")
+        check(not self.text_file or os.path.isfile(self.text_file), f"--text-file={self.text_file} does not exist")
 
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
-
-# --- Timing ------------------------------------------------------------------
-
+# --- Timing ---------------------------------------------------------------------------------------
 def timed(fn, device):
     """Seconds one call of fn takes, waiting for the GPU to finish its queue on both sides."""
     if device.type == "cuda":
@@ -77,7 +85,6 @@ def timed(fn, device):
         torch.cuda.synchronize()
     return time.perf_counter() - t0
 
-
 def interleaved(runs, repeats, device):
     """Time each fn of runs (name -> fn) `repeats` times, taking turns: A B A B ..."""
     secs = {name: [] for name in runs}
@@ -85,7 +92,6 @@ def interleaved(runs, repeats, device):
         for name, fn in runs.items():
             secs[name].append(timed(fn, device))
     return secs
-
 
 def summary(ours, theirs, tokens):
     """Seconds per run of ours and (if any) theirs -> the tokens/s rows and the ratios."""
@@ -100,9 +106,7 @@ def summary(ours, theirs, tokens):
         out["ratio_paired"] = [round(r, 3) for r in (paired[0], statistics.median(paired), paired[-1])]
     return out
 
-
-# --- Models ------------------------------------------------------------------
-
+# --- Models ---------------------------------------------------------------------------------------
 def build_models(cfg, device):
     """Our Transformer and, if transformers is installed, the same weights in LlamaForCausalLM."""
     torch.manual_seed(cfg.seed)
@@ -124,9 +128,7 @@ def build_models(cfg, device):
     theirs.generation_config.eos_token_id = None
     return ours, theirs
 
-
-# --- Training ------------------------------------------------------------------
-
+# --- Training -------------------------------------------------------------------------------------
 def loss_fn(model, is_hf):
     """(x, y) -> mean cross-entropy of the model's logits at every position against y."""
     if not is_hf:
@@ -136,8 +138,7 @@ def loss_fn(model, is_hf):
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
     return hf_loss
 
-
-def train_step_fn(model, is_hf, x, y, autocast, compiled):
+def train_step_fn(model, is_hf, x, y, amp, compiled):
     """A function doing one step: forward, loss, backward, AdamW, zero_grad(set_to_none=True)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     # Compile the loss function, not only the module, so both graphs hold the cross-entropy.
@@ -145,7 +146,7 @@ def train_step_fn(model, is_hf, x, y, autocast, compiled):
     losses = []
 
     def step():
-        with autocast:
+        with amp:
             loss = loss_of(x, y)
         loss.backward()
         opt.step()
@@ -153,8 +154,7 @@ def train_step_fn(model, is_hf, x, y, autocast, compiled):
         losses.append(loss.item())  # a GPU sync, the same for both models
     return step, losses
 
-
-def bench_train(cfg, ours, theirs, device, autocast, compiled):
+def bench_train(cfg, ours, theirs, device, amp, compiled):
     g = torch.Generator().manual_seed(cfg.seed + 1)
     data = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1), generator=g).to(device)
     x, y = data[:, :-1], data[:, 1:]  # one batch for every step of both models
@@ -162,7 +162,7 @@ def bench_train(cfg, ours, theirs, device, autocast, compiled):
     steps, losses, result = {}, {}, {}
     for name, (model, is_hf) in models.items():
         model.train()
-        steps[name], losses[name] = train_step_fn(model, is_hf, x, y, autocast, compiled)
+        steps[name], losses[name] = train_step_fn(model, is_hf, x, y, amp, compiled)
         # Untimed warm-up: allocations, AdamW state and, compiled, the compilation itself; the
         # second step does none of that, so the difference is the compile time.
         first, second = timed(steps[name], device), timed(steps[name], device)
@@ -195,9 +195,7 @@ def bench_train(cfg, ours, theirs, device, autocast, compiled):
             result[f"{name}_mfu"] = round(flops / peak_flops, 4) if peak_flops else None
     return result
 
-
-# --- Decoding ------------------------------------------------------------------
-
+# --- Decoding -------------------------------------------------------------------------------------
 def naive_generate(model, idx, new_tokens):
     """Greedy decoding without a cache, nanoGPT-style: a full forward over the text per token."""
     for _ in range(new_tokens):
@@ -205,8 +203,7 @@ def naive_generate(model, idx, new_tokens):
         idx = torch.cat([idx, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)  # (B, T + 1)
     return idx
 
-
-def bench_decode(cfg, ours, theirs, device, autocast):
+def bench_decode(cfg, ours, theirs, device, amp):
     g = torch.Generator().manual_seed(cfg.seed + 2)
     prompt = torch.randint(0, cfg.vocab_size, (cfg.decode_batch, cfg.decode_prompt_len), generator=g).to(device)
     n, outputs = cfg.decode_new_tokens, {}
@@ -218,7 +215,7 @@ def bench_decode(cfg, ours, theirs, device, autocast):
 
     def run(name):
         def go():
-            with torch.no_grad(), autocast:
+            with torch.no_grad(), amp:
                 outputs[name] = fns[name]()
         return go
     ours.eval()
@@ -238,62 +235,50 @@ def bench_decode(cfg, ours, theirs, device, autocast):
     result["same_tokens_as_no_cache"] = torch.equal(outputs["ours"], outputs["ours_no_cache"])
     return result
 
-
-# --- Tokenization --------------------------------------------------------------
-
+# --- Tokenization ---------------------------------------------------------------------------------
 def bench_tokenize(cfg, text):
-    """prepare.py's tokenization tokens/s vs tiktoken's encode_ordinary_batch on the same documents,
-    one worker each (prepare.py scales over processes with --num-proc, tiktoken over threads)."""
-    import prepare  # ImportError without prepare.py: main() skips the section
+    """prepare.py end to end (reading, tokenizing, writing shards; one worker, its start-up included)
+    on `tokenize_copies` copies of the text against tiktoken's encode_ordinary over the same
+    paragraphs in this process, the floor for any tokenizer written around tiktoken."""
+    import tempfile
+
     import tiktoken
-    docs = [d for d in text.split("\n\n") if d.strip()]  # paragraphs stand in for documents
-    enc = tiktoken.get_encoding("r50k_base")
-    pieces = [(d, True) for d in docs]  # (text, starts a document): every paragraph is a whole document
-    # prepare.py's path that feeds the shards: batches of documents, eot before each, uint16 arrays.
-    runs = {"prepare": lambda: sum(len(ids) for ids, _ in prepare.tokenize_documents(enc, pieces)),
-            "tiktoken": lambda: enc.encode_ordinary_batch(docs, num_threads=1),
-            # the batch call hands each document to a thread pool; a plain loop is tiktoken's fastest path
-            "tiktoken_loop": lambda: [enc.encode_ordinary(d) for d in docs]}
-    warm_up = {name: fn() for name, fn in runs.items()}
-    secs = interleaved(runs, cfg.repeats, torch.device("cpu"))
-    tokens = sum(len(ids) for ids in warm_up["tiktoken"])
+    try:
+        enc = tiktoken.get_encoding("r50k_base")
+    except Exception as e:  # offline without tiktoken's cache
+        raise RuntimeError(f"cannot load r50k_base ({type(e).__name__}); offline, set TIKTOKEN_CACHE_DIR") from e
+    docs = [d for d in text.split("\n\n") if d.strip()] * cfg.tokenize_copies  # paragraphs as documents
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = os.path.join(tmp, "corpus.txt")
+        with open(corpus, "w", encoding="utf-8") as f:
+            f.write("\n\n".join(docs))
+        command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare.py"),
+                   "--input", corpus, "--separator", "\\n\\n", "--num-proc", "1", "--val-fraction", "0",
+                   "--tokenizer", "r50k_base", "--force", "--out"]
+
+        def prepare():
+            result = subprocess.run(command + [os.path.join(tmp, "out")], capture_output=True, text=True)
+            if result.returncode:
+                raise RuntimeError(f"prepare.py failed: {result.stderr.strip()[-200:]}")
+        runs = {"prepare": prepare, "tiktoken_loop": lambda: [enc.encode_ordinary(d) for d in docs]}
+        tokens = sum(len(ids) for ids in runs["tiktoken_loop"]()) + len(docs)  # + one eot per document
+        runs["prepare"]()  # warm-up: the page cache, Python's bytecode cache
+        secs = interleaved(runs, cfg.repeats, torch.device("cpu"))
     tok_s = {k: tokens / statistics.median(secs[k]) for k in runs}
     return {"documents": len(docs), "tokens": tokens, **{f"{k}_tok_s": round(v, 1) for k, v in tok_s.items()},
-            "ratio": round(tok_s["prepare"] / tok_s["tiktoken"], 3),
-            "ratio_vs_loop": round(tok_s["prepare"] / tok_s["tiktoken_loop"], 3)}
+            "ratio": round(tok_s["prepare"] / tok_s["tiktoken_loop"], 3)}
 
-
-# --- Main ----------------------------------------------------------------------
-
+# --- Main -----------------------------------------------------------------------------------------
 def main(argv):
-    cfg = BenchConfig(**parse_args(argv, (BenchConfig,)))
-    # argument checking
+    cfg = parse_config(BenchConfig, parse_flags(argv, [BenchConfig], __doc__))
     sections = cfg.sections.split(",")
-    if not set(sections) <= {"train", "decode", "tokenize"}:
-        die(f"--sections={cfg.sections}; use a comma list of train, decode, tokenize")
-    if cfg.dtype not in ("float32", "bfloat16", "float16"):
-        die(f"--dtype={cfg.dtype}; use float32, bfloat16 or float16")
-    for name in ("batch_size", "seq_len", "steps", "repeats", "decode_batch", "decode_prompt_len",
-                 "decode_new_tokens"):
-        if getattr(cfg, name) <= 0:
-            die(f"--{name.replace('_', '-')}={getattr(cfg, name)} must be positive")
-    if cfg.threads < 0:
-        die(f"--threads={cfg.threads}; use 0 for torch's default or a positive count")
-    try:
-        device = torch.device(cfg.device)
-    except RuntimeError:
-        die(f"--device={cfg.device} is not a torch device; use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        die(f"--device={cfg.device} but CUDA is not available here; use --device=cpu")
-    if "tokenize" in sections and cfg.text_file and not os.path.isfile(cfg.text_file):
-        die(f"--text-file={cfg.text_file} does not exist")
+    device = pick_device(cfg.device)
 
     # One thread count for everything; HF runs in this process, so it shares it.
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dtype = getattr(torch, cfg.dtype)
-    # Low precision as train.py does it: fp32 weights, autocast around the forward and loss.
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    amp = autocast(device, dtype)  # as train.py does it: fp32 weights, autocast around forward and loss
     try:
         ours, theirs = build_models(cfg, device)
     except ValueError as e:  # ModelConfig's message names the bad value
@@ -307,31 +292,32 @@ def main(argv):
               # Other processes skew the absolute numbers (the ratios much less): say how busy.
               "loadavg_start": os.getloadavg()[0]}
 
+    def section(name, run):  # a section that fails is reported as such; the others' figures stay
+        try:
+            report[name] = run()
+        except Exception as e:
+            report[name] = {"failed": one_line(e)}
+        log(f"{name}: {report[name]}")
+
     if "train" in sections:
-        report["train_eager"] = bench_train(cfg, ours, theirs, device, autocast, compiled=False)
-        log(f"train eager: {report['train_eager']}")
+        section("train_eager", lambda: bench_train(cfg, ours, theirs, device, amp, compiled=False))
         if cfg.compile:
-            report["train_compiled"] = bench_train(cfg, ours, theirs, device, autocast, compiled=True)
-            if theirs is not None:  # what moving from HF as it is to our compiled model buys
+            section("train_compiled", lambda: bench_train(cfg, ours, theirs, device, amp, compiled=True))
+            if theirs is not None and "hf_tok_s" in report["train_eager"] | report["train_compiled"]:
+                # what moving from HF as it is to our compiled model buys
                 report["train_compiled"]["ratio_vs_hf_eager"] = round(
                     report["train_compiled"]["ours_tok_s"] / report["train_eager"]["hf_tok_s"], 3)
-            log(f"train compiled: {report['train_compiled']}")
     if "decode" in sections:
-        report["decode"] = bench_decode(cfg, ours, theirs, device, autocast)
-        log(f"decode: {report['decode']}")
+        section("decode", lambda: bench_decode(cfg, ours, theirs, device, amp))
     if "tokenize" in sections:
         if not cfg.text_file:
             report["tokenize"] = {"skipped": "no text given: pass --text-file=PATH"}
         else:
             with open(cfg.text_file, encoding="utf-8") as f:
                 text = f.read()
-            try:
-                report["tokenize"] = bench_tokenize(cfg, text)
-            except ImportError as e:
-                report["tokenize"] = {"skipped": f"prepare.py cannot be imported ({e})"}
+            section("tokenize", lambda: bench_tokenize(cfg, text))
     report["loadavg_end"] = os.getloadavg()[0]
     print(json.dumps(report, indent=1))
 
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# --- Config ------------------------------------------------------------------
+# --- Config ---------------------------------------------------------------------------------------
 @dataclass
 class ModelConfig:
     vocab_size: int = 50304
@@ -37,6 +37,10 @@ class ModelConfig:
     pos_emb: str = "rope"      # ablations: rope | learned | none
     mlp: str = "swiglu"        # swiglu | gelu
     norm: str = "rmsnorm"      # rmsnorm | layernorm
+
+    @property
+    def head_dim(self):  # D; a property, so not a field
+        return self.n_embd // self.n_head
 
     def __post_init__(self):
         def check(ok, problem):  # each message names the values, so the fix is obvious
@@ -58,9 +62,7 @@ class ModelConfig:
             hidden = 4 * self.n_embd if self.mlp == "gelu" else int(2 * 4 * self.n_embd / 3)
             self.ffn_hidden = self.multiple_of * math.ceil(hidden / self.multiple_of)
 
-    head_dim = property(lambda self: self.n_embd // self.n_head)  # D; a property, so not a field
-
-# --- Normalization -----------------------------------------------------------
+# --- Normalization --------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
     """x / rms(x) * weight (Zhang & Sennrich 2019): LayerNorm without the mean and the bias."""
     def __init__(self, dim, eps):
@@ -76,7 +78,7 @@ def make_norm(cfg):  # "layernorm": GPT-2's norm (without bias), for ablations
     norm = RMSNorm if cfg.norm == "rmsnorm" else lambda dim, eps: nn.LayerNorm(dim, eps, bias=False)
     return norm(cfg.n_embd, cfg.norm_eps)
 
-# --- Rotary position embedding (Su et al. 2021) ------------------------------
+# --- Rotary position embedding (Su et al. 2021) ---------------------------------------------------
 def rope_tables(head_dim, max_seq_len, theta):
     """cos and sin tables (max_seq_len, D) in fp32 for every position and channel."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (D/2,)
@@ -92,7 +94,7 @@ def apply_rope(x, cos, sin):
     rotated = torch.cat([-x2, x1], dim=-1)       # (B, H, T, D)
     return (x.float() * cos + rotated.float() * sin).type_as(x)
 
-# --- KV cache and attention --------------------------------------------------
+# --- KV cache and attention -----------------------------------------------------------------------
 class KVCache:
     """Keys and values of past positions in buffers (B, Hkv, S_max, D), written in place. The first
     update allocates them in k's dtype: under autocast that is bf16 or fp16, half of fp32's memory."""
@@ -127,18 +129,22 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(pos, k, v)  # (B, Hkv, S, D) with S = pos + T
+        # Query t sits at position pos + t and sees keys 0..pos+t, whatever S = pos + T is:
         S = k.size(2)
-        # Query t (at position pos + t) sees keys 0..pos+t: one query (decoding) sees all; a block from 0
-        # is the causal triangle; a block after cached keys needs it shifted by pos (is_causal cannot).
-        mask = None if T == 1 or S == T else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+        if T == 1:    # decoding one token: it sees every key
+            mask, causal = None, False
+        elif S == T:  # a block from position 0: the plain causal triangle
+            mask, causal = None, True
+        else:         # a block after S - T cached keys: the triangle shifted right by them
+            mask, causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T), False
         # enable_gqa: each group of H/Hkv query heads reads its K/V head in place (HF's repeat_kv copies).
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1 and mask is None,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=self.n_kv_head != self.n_head)     # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)       # (B, T, C)
         return self.o_proj(y)
 
-# --- MLP and block -----------------------------------------------------------
+# --- MLP and block --------------------------------------------------------------------------------
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -167,7 +173,7 @@ class Block(nn.Module):
         x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, pos))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
-# --- The model ---------------------------------------------------------------
+# --- The model ------------------------------------------------------------------------------------
 class Transformer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -197,9 +203,10 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, std=residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02)
 
-    def forward(self, idx, targets=None, pos=0):
+    def forward(self, idx, targets=None, pos=0, reduction="mean"):
         """idx (B, T) token ids at positions pos..pos+T-1 -> (logits, loss). With targets (B, T), -1 =
-        ignore: all logits (B, T, V) and the mean loss; without: (B, 1, V) for the last position only."""
+        ignore: all logits (B, T, V) and the mean loss (reduction="none": per position, (B, T));
+        without: (B, 1, V) for the last position only."""
         B, T = idx.size()
         if pos + T > self.config.max_seq_len:
             raise ValueError(f"positions up to {pos + T} > max_seq_len={self.config.max_seq_len}; crop from the left")
@@ -213,8 +220,9 @@ class Transformer(nn.Module):
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None                                      # (B, 1, V)
         logits = self.lm_head(x)                                                          # (B, T, V)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)  # (B*T, V), (B*T,)
-        return logits, loss
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1,  # (B*T, V), (B*T,)
+                               reduction=reduction)
+        return logits, loss if reduction != "none" else loss.view(B, T)
 
     def generate(self, idx, max_new_tokens, **sampling):
         """idx (B, T) plus up to max_new_tokens sampled tokens (B, T + new); options: generate_stream's."""
@@ -232,7 +240,8 @@ class Transformer(nn.Module):
         try:
             self.eval()
             logits, _ = self(idx)  # "prefill": one pass over the prompt fills the cache   (B, 1, V)
-            pos, done, text = T, torch.zeros(B, dtype=torch.bool, device=idx.device), [idx]
+            pos, done = T, torch.zeros(B, dtype=torch.bool, device=idx.device)
+            pieces = [idx]  # the sequence so far, in pieces: concatenated only when the cache restarts
             for step in range(max_new_tokens):
                 next_id = sample_next(logits[:, -1, :vocab_size], temperature, top_k, top_p, generator)  # (B, 1)
                 if eos_id is not None:
@@ -241,12 +250,13 @@ class Transformer(nn.Module):
                 yield next_id
                 if step == max_new_tokens - 1 or (eos_id is not None and done.all()):  # (a GPU sync)
                     break
-                text.append(next_id)  # concatenated only when the cache restarts, not every step
-                if pos == S_max:  # context full: restart the cache from the most recent half of the text
-                    text = [torch.cat(text, dim=1)[:, -max(1, S_max // 2):]]
-                    pos, next_id = 0, text[0]
-                logits, _ = self(next_id, pos=pos)  # "decode": only the new token; the rest is cached
-                pos += next_id.size(1)
+                pieces.append(next_id)
+                new_input = next_id  # "decode": only the new token goes in; the rest is cached
+                if pos == S_max:  # context full: restart the cache from the most recent half
+                    new_input = torch.cat(pieces, dim=1)[:, -max(1, S_max // 2):]
+                    pieces, pos = [new_input], 0
+                logits, _ = self(new_input, pos=pos)
+                pos += new_input.size(1)
         finally:
             for layer in self.layers:
                 layer.self_attn.cache = None
@@ -282,7 +292,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
     return torch.multinomial(probs, num_samples=1, generator=generator)                   # (B, 1)
 
-# --- Hugging Face interop: pure functions on state dicts and config.json dicts; the caller does I/O
+# --- Hugging Face interop: pure functions on state dicts and configs; the caller does I/O -------
 def to_hf(state_dict, cfg):
     """Our state dict + ModelConfig -> (LlamaForCausalLM state dict, config.json dict)."""
     if (cfg.pos_emb, cfg.mlp, cfg.norm) != ("rope", "swiglu", "rmsnorm"):

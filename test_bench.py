@@ -1,0 +1,37 @@
+"""
+bench.py: a tiny run gives valid JSON, the two models it races compute the same thing, and a
+section that fails is reported without losing the others.
+
+    python -m pytest -q test_bench.py
+"""
+import json
+
+import pytest
+import tiktoken
+
+from conftest import SHAKESPEARE, assert_user_error, python
+
+TINY = ["--n-layer=1", "--n-embd=32", "--n-head=2", "--n-kv-head=1", "--vocab-size=256", "--batch-size=2",
+        "--seq-len=16", "--steps=1", "--repeats=1", "--decode-new-tokens=8"]
+
+@pytest.mark.slow
+def test_bench_runs_and_its_two_models_agree(tmp_path):
+    result = python("bench.py", *TINY, "--sections=train,decode,tokenize", f"--text-file={SHAKESPEARE}",
+                    "--tokenize-copies=1")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["train_eager"]["first_loss"]["ours"] == pytest.approx(report["train_eager"]["first_loss"]["hf"],
+                                                                         abs=1e-5)
+    assert report["decode"]["same_tokens_as_hf"] and report["decode"]["same_tokens_as_no_cache"]
+    paragraphs = [p for p in SHAKESPEARE.read_text().split("\n\n") if p.strip()]  # bench's documents
+    enc = tiktoken.get_encoding("r50k_base")
+    assert report["tokenize"]["tokens"] == sum(len(enc.encode_ordinary(p)) + 1 for p in paragraphs)  # + eot each
+    assert report["tokenize"]["prepare_tok_s"] > 0 and report["tokenize"]["ratio"] > 0
+    # Offline without tiktoken's cache the tokenize section fails, and says why; the rest stands.
+    offline = python("bench.py", *TINY, "--sections=decode,tokenize", f"--text-file={SHAKESPEARE}",
+                     env={"TIKTOKEN_CACHE_DIR": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1",
+                          "NO_PROXY": "*", "HTTPS_PROXY": "http://127.0.0.1:9"})
+    assert offline.returncode == 0, offline.stderr
+    report = json.loads(offline.stdout)
+    assert "TIKTOKEN_CACHE_DIR" in report["tokenize"]["failed"] and report["decode"]["ours_tok_s"] > 0
+    assert_user_error(python("bench.py", "--sections=everything"), "--sections=everything")

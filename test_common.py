@@ -1,0 +1,116 @@
+"""
+common.py: the settings parser, atomic writes, the folder lock, folder swaps and tokenizer
+fingerprints, the pieces every script's promises rest on.
+
+    python -m pytest -q test_common.py
+"""
+import base64
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+import common
+from common import setting
+from conftest import R50K, ROOT, SMALL_BPE
+
+@dataclass
+class Settings:
+    lr: float = setting(1e-3, "learning rate")
+    max_iters: int = setting(0, "steps")
+    resume: bool = setting(False, "go on")
+    name: str = setting("x", "a name")
+    inputs: list[str] = setting(None, "files")
+    top_k: int | None = setting(None, "k")
+
+def parse(*argv):
+    return common.parse_flags(list(argv), [Settings], "doc")
+
+def error(capsys, fn, *args):
+    with pytest.raises(SystemExit) as exit:
+        fn(*args)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+def test_flags_are_cast_by_field_type_and_only_given_ones_come_back(capsys):
+    assert parse() == {}
+    assert parse("--lr=2e-3", "--max_iters", "1e3", "--resume") == {"lr": 2e-3, "max_iters": 1000, "resume": True}
+    assert parse("--resume=false", "--inputs", "a", "b", "--top-k", "3", "--name", "y") == \
+        {"resume": False, "inputs": ["a", "b"], "top_k": 3, "name": "y"}
+    assert parse("--max-iters=2_000") == {"max_iters": 2000}
+    for argv, fragment in [(["--lr=nan"], "'nan' is not a finite number"), (["--lr=-inf"], "not a finite number"),
+                           (["--max-iters=0.5"], "'0.5' is not a whole number"), (["--lr=x"], "not a valid float"),
+                           (["--resume=maybe"], "not true or false"), (["--lr"], "expected one argument"),
+                           (["--l=1"], "unknown setting '--l=1'; valid settings: --lr --max-iters")]:
+        assert fragment in error(capsys, parse, *argv), argv
+
+def test_checks_beside_the_fields_become_one_line_errors(capsys):
+    @dataclass
+    class Checked:
+        n: int = setting(1, "a count")
+
+        def __post_init__(self):
+            common.check(self.n > 0, f"--n={self.n} must be positive")
+    assert common.parse_config(Checked, {"n": 2}).n == 2
+    assert "--n=0 must be positive; fix the settings" in error(capsys, common.parse_config, Checked, {"n": 0})
+
+def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, capsys):
+    path = tmp_path / "f.bin"
+    with common.atomic_write(path) as f:
+        f.write(b"old")
+
+    def fail():
+        with common.atomic_write(path) as f:
+            f.write(b"new, half")
+            raise OSError(28, "No space left on device")
+    assert f"cannot write {path}: No space left on device" in error(capsys, fail)
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
+
+def test_a_locked_folder_names_its_holder_and_frees_itself_at_exit(tmp_path):
+    code = ("import sys, time, common; common.lock(sys.argv[1], '--out'); print('locked', flush=True); "
+            "time.sleep(float(sys.argv[2]))")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "out"), "30"], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        second = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out"), "0"], cwd=ROOT,
+                                capture_output=True, text=True)
+        assert second.returncode == 2 and f"is in use by another run (pid {holder.pid})" in second.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    after = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out"), "0"], cwd=ROOT,
+                           capture_output=True, text=True)
+    assert after.returncode == 0, after.stderr  # a killed holder leaves no stale lock
+
+def test_swap_in_replaces_a_folder_whole(tmp_path):
+    old, new = tmp_path / "data", tmp_path / ".data.partial"
+    for folder, text in [(old, "old"), (new, "new")]:
+        folder.mkdir()
+        (folder / "meta.json").write_text(text)
+    (old / "stale.bin").write_text("x")
+    common.swap_in(new, old)
+    assert sorted(os.listdir(tmp_path)) == ["data"] and os.listdir(old) == ["meta.json"]
+    assert (old / "meta.json").read_text() == "new"
+    (tmp_path / "fresh.partial").mkdir()
+    common.swap_in(tmp_path / "fresh.partial", tmp_path / "fresh")  # nothing to replace
+    assert (tmp_path / "fresh").is_dir() and not (tmp_path / "fresh.partial").exists()
+
+def test_tokenizer_fingerprints_follow_the_ids_not_the_names():
+    enc = common.load_tokenizer(SMALL_BPE)
+    renamed = common.load_tokenizer({**SMALL_BPE, "name": "another-name"})
+    lines = SMALL_BPE["ranks"].splitlines(True)
+    a, b = lines[97].split()[0], lines[98].split()[0]
+    swapped = common.load_tokenizer({**SMALL_BPE, "ranks": "".join(lines[:97] + [f"{b} 97\n", f"{a} 98\n"] + lines[99:])})
+    assert base64.b64decode(a) == b"a" and swapped.encode("a") != enc.encode("a")
+    assert common.tokenizer_fingerprint(enc) == common.tokenizer_fingerprint(renamed)
+    assert common.tokenizer_fingerprint(enc) != common.tokenizer_fingerprint(swapped)
+    assert common.tokenizer_fingerprint(common.load_tokenizer(R50K)) != common.tokenizer_fingerprint(enc)
+
+def test_devices_this_machine_lacks_are_errors(capsys):
+    assert common.pick_device("cpu").type == "cpu"
+    for name in ("tpu", "cuda:7", "meta"):
+        assert f"--device={name} is unknown or not on this machine" in error(capsys, common.pick_device, name)

@@ -1,0 +1,121 @@
+"""
+export.py: the Hugging Face folder loads in transformers and generates as we do, its tokenizer
+gives tiktoken's ids, sample.py --hf-dir reads it back, and an export never half-replaces a folder.
+
+    python -m pytest -q test_export.py
+"""
+import json
+import os
+
+import pytest
+import torch
+
+import export
+import sample
+from common import load_for_inference, load_tokenizer
+from conftest import (R50K, R50K_EOT, SHAKESPEARE, SMALL_BPE, SMALL_EOT, assert_user_error, python,
+                      write_checkpoint)
+
+UNICODE = ("héllo wörld — “quoted” naïve café 日本語のテキスト 🦙🦙 👍🏽 👨‍👩‍👧 Ω≈ç√ ﬁ\n\n\n"
+           "\ttabs\t\tand   spaces   \n12345 6.02e23 it's they'll we've I'd")
+
+def export_main(*args):
+    export.main([str(a) for a in args])
+
+def run_main(capsys, *args):
+    sample.main([str(a) for a in args])
+    return capsys.readouterr()
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_export_generates_like_transformers(tmp_path, capsys, tie):
+    transformers = pytest.importorskip("transformers")
+    ckpt = write_checkpoint(tmp_path / "ckpt.pt", SMALL_BPE, SMALL_EOT, seed=3, tie_embeddings=tie, n_kv_head=2)
+    folder = tmp_path / "hf"
+    export_main("--ckpt", ckpt, "--out", folder)
+    assert sorted(os.listdir(folder)) == ["config.json", "generation_config.json", "model.safetensors",
+                                          "tokenizer.json", "tokenizer.tiktoken", "tokenizer_config.json"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM" and hf.dtype == torch.float32
+    assert hf.config.num_key_value_heads == 2 and hf.config.eos_token_id == SMALL_EOT
+    assert (hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()) == tie
+
+    model, enc, _, _ = load_for_inference(ckpt)
+    for text in [" the hello", "and you 🦙"]:
+        prompt = torch.tensor([enc.encode(text)])
+        ours = model.generate(prompt, 30, temperature=0, eos_id=SMALL_EOT)
+        theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30,
+                             do_sample=False, pad_token_id=SMALL_EOT)
+        assert ours.size(1) > prompt.size(1) + 5 and torch.equal(theirs, ours)
+
+@pytest.mark.parametrize("spec", [R50K, SMALL_BPE], ids=["r50k_base", "small-bpe"])
+def test_exported_tokenizer_encodes_like_tiktoken(tmp_path, capsys, spec):
+    transformers = pytest.importorskip("transformers")
+    eot = R50K_EOT if spec is R50K else SMALL_EOT
+    export_main("--ckpt", write_checkpoint(tmp_path / "ckpt.pt", spec, eot), "--out", tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    enc = load_tokenizer(spec)
+    shakespeare = SHAKESPEARE.read_text(encoding="utf-8")[:20_000]
+    for text in [shakespeare, UNICODE, "  leading spaces", "x" + "<|endoftext|>" + "y"]:
+        ids = enc.encode(text, allowed_special="all")
+        assert tok.encode(text) == ids, text[:40]
+        assert tok.decode(ids) == text
+    assert tok.eos_token_id == eot and tok.bos_token_id == eot
+
+def test_hf_dir_samples_like_the_checkpoint(tmp_path, capsys):
+    r50k_ckpt = write_checkpoint(tmp_path / "r50k.pt", R50K, R50K_EOT)
+    small_ckpt = write_checkpoint(tmp_path / "small.pt", SMALL_BPE, SMALL_EOT)
+    pytest.importorskip("safetensors")
+    greedy = ["--prompt", "Hello there, and", "--max-new-tokens", 30, "--temperature", 0]
+    for name, ckpt in [("r50k", r50k_ckpt), ("small", small_ckpt)]:
+        folder = tmp_path / name
+        export_main("--ckpt", ckpt, "--out", folder)
+        assert capsys.readouterr().out.startswith("wrote config.json")
+        expected = run_main(capsys, "--ckpt", ckpt, *greedy).out
+        assert run_main(capsys, "--hf-dir", folder, *greedy).out == expected
+    # A Llama folder that carries no spec of ours: the tokenizer is named on the command line.
+    config = json.loads((tmp_path / "r50k" / "config.json").read_text())
+    del config["tiktoken_spec"]
+    (tmp_path / "r50k" / "config.json").write_text(json.dumps(config))
+    r50k_expected = run_main(capsys, "--ckpt", r50k_ckpt, *greedy).out
+    assert run_main(capsys, "--hf-dir", tmp_path / "r50k", "--tokenizer", "r50k_base", *greedy).out == r50k_expected
+
+def folder_bytes(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+def test_an_export_never_half_replaces_a_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "out" / "run"
+    run.mkdir(parents=True)
+    first, second = (write_checkpoint(run / name, SMALL_BPE, SMALL_EOT, seed=s) for s, name in [(1, "a.pt"), (2, "b.pt")])
+    export_main("--ckpt", first)  # the default folder: hf/<the checkpoint's folder>
+    folder = tmp_path / "hf" / "run"
+    old = folder_bytes(folder)
+    assert "model.safetensors" in old
+
+    def refused(*args):
+        with pytest.raises(SystemExit) as exit:
+            export_main(*args)
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+        return err
+    assert "is not empty; pass --force" in refused("--ckpt", second)
+    (tmp_path / "a_file").write_text("")
+    assert "is a file" in refused("--ckpt", second, "--out", tmp_path / "a_file")
+    learned = write_checkpoint(run / "learned.pt", SMALL_BPE, SMALL_EOT, pos_emb="learned")
+    assert "pos_emb=learned" in refused("--ckpt", learned, "--out", tmp_path / "hf" / "learned")
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device", str(folder))
+    with monkeypatch.context() as m:  # the disk fills up while the new export is written
+        m.setattr(export, "write_hf_tokenizer", disk_full)
+        assert "No space left on device" in refused("--ckpt", second, "--force")
+    assert folder_bytes(folder) == old and not list((tmp_path / "hf").glob("*partial*"))
+    export_main("--ckpt", second, "--force")  # replaced, whole
+    new = folder_bytes(folder)
+    assert new.keys() == old.keys() and new["model.safetensors"] != old["model.safetensors"]
+
+@pytest.mark.slow
+def test_help_and_a_bad_checkpoint_from_the_command_line(tmp_path):
+    result = python("export.py", "--help")
+    assert result.returncode == 0 and all(f"--{f}" in result.stdout for f in ("ckpt", "out", "force"))
+    assert_user_error(python("export.py", "--ckpt", tmp_path / "none.pt"), "not found")

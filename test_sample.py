@@ -1,0 +1,229 @@
+"""
+sample.py: generation against reference decoding, the streaming output, prompts and bad input.
+
+    python -m pytest -q test_sample.py
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sample
+from common import load_for_inference, load_tokenizer
+from conftest import (R50K, R50K_EOT, ROOT, SMALL_BPE, SMALL_EOT, full_forward_greedy, full_logits, python,
+                      write_checkpoint)
+
+@pytest.fixture(scope="module")
+def r50k_ckpt(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("r50k") / "ckpt.pt", R50K, R50K_EOT)
+
+@pytest.fixture(scope="module")
+def small_ckpt(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("small") / "ckpt.pt", SMALL_BPE, SMALL_EOT)
+
+def run_main(capsys, *args):
+    sample.main([str(a) for a in args])
+    return capsys.readouterr()
+
+def full_logits_last(model, idx):
+    """Logits (V,) at the last position of idx (1, T), from a forward over all of idx (no cache)."""
+    return full_logits(model, idx)[0, -1]
+
+# --- Generation -----------------------------------------------------------------------------------
+def test_greedy_cli_is_the_argmax_of_full_forwards(r50k_ckpt, capsys):
+    model, enc, _, _ = load_for_inference(r50k_ckpt)
+    prompt = "First Citizen:\nBefore we proceed"
+    new = full_forward_greedy(model.eval(), enc.encode(prompt), 25, R50K_EOT)
+    assert len(new) > 10
+    expected = prompt + enc.decode(new) + "\n" + "-" * 40 + "\n"
+    greedy = run_main(capsys, "--ckpt", r50k_ckpt, "--prompt", prompt, "--max-new-tokens", 25, "--temperature", 0)
+    assert greedy.out == expected
+    # Sampling restricted to one token is greedy whatever the temperature: top-k 1, and a top-p
+    # so small that the most likely token alone reaches it.
+    for option, value in [("--top-k", 1), ("--top-p", 1e-9)]:
+        out = run_main(capsys, "--ckpt", r50k_ckpt, "--prompt", prompt, "--max-new-tokens", 25,
+                       "--temperature", 1.5, option, value).out
+        assert out == expected, option
+
+def test_padding_ids_are_never_sampled(tmp_path, capsys):
+    """vocab_size rounded up past the tokenizer (50257 -> 50304 for speed) adds ids that no text has;
+    sampling skips them. Here 40 padding ids on top of the small BPE's."""
+    ckpt = write_checkpoint(tmp_path / "ckpt.pt", SMALL_BPE, SMALL_EOT, seed=1, vocab_size=SMALL_EOT + 41)
+    model, enc, _, _ = load_for_inference(ckpt)
+    prompt = enc.encode(" the hello")
+    unrestricted = model.eval().generate(torch.tensor([prompt]), 30, temperature=0)[0, len(prompt):]
+    assert (unrestricted > SMALL_EOT).any()  # this random model would pick padding ids
+    with torch.no_grad():  # reference: greedy over the tokenizer's ids, full forward each step
+        idx = torch.tensor([prompt])
+        for _ in range(30):
+            next_id = full_logits_last(model, idx)[:SMALL_EOT + 1].argmax()
+            if next_id == SMALL_EOT:
+                break
+            idx = torch.cat([idx, next_id.view(1, 1)], dim=1)
+    out = run_main(capsys, "--ckpt", ckpt, "--prompt", " the hello", "--max-new-tokens", 30, "--temperature", 0).out
+    assert out == " the hello" + enc.decode(idx[0, len(prompt):].tolist()) + "\n" + "-" * 40 + "\n"
+
+def test_same_seed_same_text(small_ckpt, capsys):
+    args = ["--ckpt", small_ckpt, "--prompt", "To be, or not", "--max-new-tokens", 30, "--temperature", 1.0,
+            "--num-samples", 2]
+    a, b, c = (run_main(capsys, *args, "--seed", seed).out for seed in (7, 7, 8))
+    assert a == b and a != c
+    first, second = a.split("-" * 40 + "\n")[:2]
+    assert first != second  # the samples of one run differ: the generator runs on
+
+@pytest.mark.slow
+def test_a_reader_that_leaves_early_gets_no_traceback(small_ckpt):
+    """python sample.py ... | head: the closed pipe ends the run quietly."""
+    proc = subprocess.Popen([sys.executable, "sample.py", "--ckpt", str(small_ckpt), "--prompt", "To be",
+                             "--max-new-tokens", "400", "--num-samples", "20", "--temperature", "1.0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    proc.stdout.read(5)  # the first characters, then hang up
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1 and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+@pytest.mark.slow  # compiling costs ~20 s, though in this process
+def test_compile_compiles_the_forward_generate_calls(small_ckpt, capsys):
+    import torch._dynamo
+    args = ["--ckpt", small_ckpt, "--prompt", " the", "--max-new-tokens", 12, "--temperature", 0]
+    eager = run_main(capsys, *args).out
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = run_main(capsys, *args, "--compile").out
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the model really went through dynamo
+    assert compiled == eager
+
+def test_long_prompt_is_cropped_from_the_left(small_ckpt, capsys):
+    model, enc, eot, _ = load_for_inference(small_ckpt)
+    prompt = " and you the hell" * 30
+    ids = enc.encode(prompt)
+    assert len(ids) > 100
+    got = run_main(capsys, "--ckpt", small_ckpt, "--prompt", prompt, "--max-new-tokens", 40, "--temperature", 0)
+    assert got.err == f"warning: the prompt has {len(ids)} tokens > max_seq_len=64; keeping the last 64\n"
+    new = model.generate(torch.tensor([ids[-64:]]), 40, temperature=0, eos_id=eot)[0, 64:].tolist()
+    new = new[:new.index(eot)] if eot in new else new
+    assert got.out == prompt + enc.decode(new) + "\n" + "-" * 40 + "\n"
+
+def test_decode_stream_never_prints_half_characters():
+    enc = load_tokenizer(R50K)
+    text = "naïve 🦙 and 👍🏽!"
+    ids = enc.encode(text)
+    pieces = list(sample.decode_stream(enc, ids + [50300]))  # 50300: a padding id past the vocabulary
+    assert len(ids) > len(text.split())  # the emoji are split over several tokens ...
+    assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+    assert "" in pieces  # ... so some tokens print nothing until their character completes
+    half = enc.encode("🦙")[0]  # b"\xf0\x9f": the start of a 4-byte character, never completed
+    assert "".join(sample.decode_stream(enc, [half])) == enc.decode([half]) == "\ufffd"
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_autocast(small_ckpt, capsys, dtype):
+    """--dtype samples under autocast, where k and v come out in the low dtype and the KV cache
+    stores them so (as in model.generate): half the memory of fp32."""
+    out = run_main(capsys, "--ckpt", small_ckpt, "--prompt", " the", "--max-new-tokens", 20, "--temperature", 0,
+                   "--dtype", dtype).out
+    assert out.startswith(" the") and len(out) > len(" the\n" + "-" * 40) + 10
+    model, enc, eot, _ = load_for_inference(small_ckpt)
+    with torch.autocast("cpu", dtype=getattr(torch, dtype)):
+        tokens = model.generate_stream(torch.tensor([enc.encode(" the")]), 5, temperature=0, eos_id=eot)
+        next(tokens)  # paused after the first new token, with its cache in place
+        assert model.layers[0].self_attn.cache.k.dtype == getattr(torch, dtype)
+        list(tokens)
+    assert all(layer.self_attn.cache is None for layer in model.layers)  # and gone when done
+
+def test_no_prompt_starts_a_new_document(small_ckpt, capsys):
+    """Without a prompt the text starts from end-of-text, as every document in the data does."""
+    model, enc, eot, _ = load_for_inference(small_ckpt)
+    new = full_forward_greedy(model, [eot], 30, eot)
+    assert len(new) > 5
+    out = run_main(capsys, "--ckpt", small_ckpt, "--max-new-tokens", 30, "--temperature", 0).out
+    assert out == enc.decode(new) + "\n" + "-" * 40 + "\n"
+
+@pytest.mark.slow
+def test_interactive_prompts_in_a_terminal_and_from_a_pipe(r50k_ckpt):
+    pty = pytest.importorskip("pty")
+    model, enc, _, _ = load_for_inference(r50k_ckpt)
+    completions = ["".join([p, enc.decode(full_forward_greedy(model, enc.encode(p), 10, R50K_EOT))])
+                   for p in ("Hello", "World")]
+    args = [sys.executable, "sample.py", "--ckpt", r50k_ckpt, "--temperature", "0", "--max-new-tokens", "10",
+            "--interactive"]
+    main_fd, terminal_fd = pty.openpty()  # stdin is a terminal: sample.py asks for prompts after "> "
+    proc = subprocess.Popen(args, cwd=ROOT, stdin=terminal_fd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    os.close(terminal_fd)
+    os.write(main_fd, b"Hello\n\x04")  # a prompt, then Ctrl-D
+    out, err = proc.communicate(timeout=60)
+    os.close(main_fd)
+    assert proc.returncode == 0, err
+    assert out == "> " + completions[0] + "\n" + "-" * 40 + "\n> "
+    piped = subprocess.run(args, cwd=ROOT, input="Hello\n\nWorld\n", capture_output=True, text=True, timeout=60)
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout == "".join(c + "\n" + "-" * 40 + "\n" for c in completions)
+
+# --- Bad input: one line, exit code 2 -------------------------------------------------------------
+P = ["--prompt", "hi"]
+ERRORS = {  # name: (arguments, with {d} for the folder of files bad_files writes; part of the message)
+    "missing": (["--ckpt", "{d}/nope.pt", *P], "checkpoint {d}/nope.pt not found"),
+    "truncated": (["--ckpt", "{d}/truncated.pt", *P], "is the file complete?"),
+    "version": (["--ckpt", "{d}/v2.pt", *P], "not a version-1 checkpoint of this repo (version=2"),
+    "missing-keys": (["--ckpt", "{d}/no_tokenizer.pt", *P], "missing keys: ['tokenizer']"),
+    "bad-spec": (["--ckpt", "{d}/bad_spec.pt", *P], "cannot build the tokenizer of {d}/bad_spec.pt"),
+    "empty-prompt": (["--ckpt", "{d}/good.pt", "--prompt", ""], "the prompt is empty"),
+    "empty-prompt-file": (["--ckpt", "{d}/good.pt", "--prompt-file", "{d}/empty.txt"], "the prompt is empty"),
+    "no-prompt-file": (["--ckpt", "{d}/good.pt", "--prompt-file", "{d}/none.txt"], "cannot read --prompt-file"),
+    "both": (["--ckpt", "{d}/good.pt", "--hf-dir", "{d}/hf", *P], "not both"),
+    "temperature": (["--ckpt", "{d}/good.pt", *P, "--temperature", "-0.5"], "--temperature=-0.5 must be >= 0"),
+    "temperature-nan": (["--ckpt", "{d}/good.pt", *P, "--temperature", "nan"], "'nan' is not a finite number"),
+    "top-p-0": (["--ckpt", "{d}/good.pt", *P, "--top-p", "0"], "--top-p=0.0 must be in (0, 1]"),
+    "top-p-big": (["--ckpt", "{d}/good.pt", *P, "--top-p", "1.5"], "--top-p=1.5 must be in (0, 1]"),
+    "top-k": (["--ckpt", "{d}/good.pt", *P, "--top-k", "0"], "--top-k=0 must be >= 1"),
+    "num-samples": (["--ckpt", "{d}/good.pt", *P, "--num-samples", "0"], "--num-samples=0 must be >= 1"),
+    "max-new-tokens": (["--ckpt", "{d}/good.pt", *P, "--max-new-tokens", "0"], "--max-new-tokens=0 must be >= 1"),
+    "device": (["--ckpt", "{d}/good.pt", *P, "--device", "tpu"], "--device=tpu is unknown or not on this machine"),
+    "dtype": (["--ckpt", "{d}/good.pt", *P, "--dtype", "float8"], "--dtype=float8 must be"),
+    "not-a-number": (["--ckpt", "{d}/good.pt", *P, "--top-k", "many"], "'many' is not a valid int"),
+    "unknown": (["--ckpt", "{d}/good.pt", *P, "--topk", "5"], "unknown setting '--topk'"),
+    "hf-dir-broken": (["--hf-dir", "{d}/broken_hf", *P], "cannot load {d}/broken_hf as a Llama"),
+    "hf-dir-no-tokenizer": (["--hf-dir", "{d}/hf", *P], "name the tokenizer, e.g. --tokenizer r50k_base"),
+    "hf-dir-wrong-tokenizer": (["--hf-dir", "{d}/hf", "--tokenizer", "r50k_base", *P], "wrong tokenizer?"),
+}
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("errors")
+    good = write_checkpoint(d / "good.pt", SMALL_BPE, SMALL_EOT)
+    data = open(good, "rb").read()
+    (d / "truncated.pt").write_bytes(data[:len(data) // 2])
+    ckpt = torch.load(good, weights_only=True)
+    torch.save({**ckpt, "version": 2}, d / "v2.pt")
+    torch.save({k: v for k, v in ckpt.items() if k != "tokenizer"}, d / "no_tokenizer.pt")
+    torch.save({**ckpt, "tokenizer": {**SMALL_BPE, "ranks": "not base64 ranks"}}, d / "bad_spec.pt")
+    (d / "empty.txt").write_text("")
+    (d / "broken_hf").mkdir()
+    (d / "broken_hf" / "config.json").write_text("{}")
+    (d / "broken_hf" / "model.safetensors").write_bytes(b"")
+    import export  # a good folder, minus our tokenizer spec
+    (d / "hf").mkdir()
+    export.export_hf(*load_for_inference(good), d / "hf")
+    config = json.loads((d / "hf" / "config.json").read_text())
+    (d / "hf" / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "tiktoken_spec"}))
+    return d
+
+@pytest.mark.parametrize("name", ERRORS)
+def test_bad_input_is_one_line(bad_files, capsys, name):
+    args, expected = ERRORS[name]
+    with pytest.raises(SystemExit) as exit:
+        sample.main([a.format(d=bad_files) for a in args])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert expected.format(d=bad_files) in err, err
+
+@pytest.mark.slow
+def test_help_and_a_bad_flag_from_the_command_line(small_ckpt):
+    result = python("sample.py", "--help")
+    assert result.returncode == 0 and all("--" + f.replace("_", "-") in result.stdout
+                                          for f in sample.SampleConfig.__dataclass_fields__)
+    result = python("sample.py", "--ckpt", small_ckpt, "--top-k", "many")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "'many' is not a valid int" in result.stderr

@@ -1,0 +1,295 @@
+"""
+train.py: exact resume, 2 processes = 1 process with accumulation, signals, faults and bad input.
+
+    python -m pytest -q test_train.py
+
+Runs are tiny (2 layers, d32, T=32) on byte-level Tiny Shakespeare (conftest.byte_data). Bad
+input is checked in-process where train.py refuses it before training; everything that trains
+runs as a subprocess, as a user starts it (marked slow).
+"""
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import train as train_py
+from common import save_checkpoint
+from conftest import TINY_RUN, ROOT, assert_user_error, losses, python, tiny_config, train
+from model import ModelConfig, Transformer
+
+def refused(capsys, *args):
+    """train.py's one-line error for args, run in this process: it refuses before training starts."""
+    with pytest.raises(SystemExit) as exit:
+        train_py.main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+# --- Training runs --------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_resume_continues_exactly(byte_data, tmp_path):
+    # Dropout makes the run depend on the RNG state too, which the checkpoint must restore.
+    common = ["--dropout=0.1", "--eval-every=3"]
+    straight = train(byte_data, tmp_path / "a", "--max-iters=6", *common)
+    assert straight.returncode == 0, straight.stderr
+    first = train(byte_data, tmp_path / "b", "--max-iters=3", *common)
+    assert first.returncode == 0, first.stderr
+    second = train(byte_data, tmp_path / "b", "--resume", "--max-iters=6")
+    assert second.returncode == 0, second.stderr
+    assert len(losses(tmp_path / "a")) == 6
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")  # exact equality on CPU
+    # A run at its length already: nothing to do, said so, exit 0, nothing written.
+    before = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()}
+    done = train(byte_data, tmp_path / "b", "--resume", "--max-iters=4")
+    assert done.returncode == 0 and "is at step 6, the run has 4 steps: nothing to do" in done.stdout, done.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()} == before
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_accumulation(byte_data, tmp_path):
+    one = train(byte_data, tmp_path / "one", "--max-iters=4", "--batch-tokens=256", "--eval-every=2")
+    assert one.returncode == 0, one.stderr
+    two = train(byte_data, tmp_path / "two", "--max-iters=4", "--eval-every=2", torchrun=2)
+    assert two.returncode == 0, two.stderr
+    assert "2 process(es) x 1 micro-batch" in two.stdout and "1 process(es) x 2 micro-batch" in one.stdout
+    # A run started on one process and resumed on two continues the same way.
+    half = train(byte_data, tmp_path / "half", "--max-iters=2", "--batch-tokens=256", "--eval-every=2")
+    assert half.returncode == 0, half.stderr
+    resumed = train(byte_data, tmp_path / "half", "--resume", "--max-iters=4", torchrun=2)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b, c = losses(tmp_path / "one"), losses(tmp_path / "two"), losses(tmp_path / "half")
+    assert [s for s, _ in a] == [s for s, _ in b] == [s for s, _ in c] == [1, 2, 3, 4]
+    assert max(abs(x[1] - y[1]) for x, y in zip(a, b)) <= 1e-5
+    assert max(abs(x[1] - y[1]) for x, y in zip(a, c)) <= 1e-5
+
+@pytest.mark.slow
+def test_loss_falls_and_checkpoint_loads_with_weights_only(byte_data, tmp_path):
+    result = train(byte_data, tmp_path / "run", "--max-iters=40", "--eval-every=20", "--lr=3e-3",
+                   "--sample-tokens=20")
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "run" / "log.jsonl") as f:
+        vals = [r["val_loss"] for r in map(json.loads, f) if "val_loss" in r]
+    assert len(vals) == 3 and vals[2] < vals[0] - 1.0  # from ~ln(320) = 5.8 to well below
+    for name in ("ckpt.pt", "best.pt"):
+        ckpt = torch.load(tmp_path / "run" / name, weights_only=True)
+        assert ckpt["step"] == 40 and ckpt["tokenizer"]["kind"] == "bpe"
+        model = Transformer(ModelConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    # The console: a banner, samples as indented text, and a closing summary with the next commands.
+    out = result.stdout
+    assert out.startswith("model ") and "\nplan " in out and "\noutput " in out
+    assert "sample:\n  | " in out and "\\x" not in out.split("eval step 40")[1].split("done:")[0].replace(
+        "\\x", "") and f"python sample.py --ckpt {tmp_path / 'run' / 'best.pt'}" in out
+    assert "done: 40 steps" in out and f"best val loss {min(vals):.4f}" in out
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_resume_continues(byte_data, tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "train.py", f"--data={byte_data}", f"--out-dir={out}", *TINY_RUN,
+            "--max-iters=100000", "--eval-every=100000"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((out / "log.jsonl").exists() and len(losses(out)) >= 3):
+            time.sleep(0.2)
+        # A second run on the same out_dir meanwhile: refused, naming the first one's pid.
+        assert_user_error(train(byte_data, out, "--max-iters=5"), "is in use by another run", f"pid {proc.pid}")
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr
+    assert "stopped by signal" in stdout
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    saved = ckpt["step"]
+    assert saved >= 3 and [s for s, _ in losses(out)][-1] == saved
+    resumed = train(byte_data, out, "--resume", f"--max-iters={saved + 2}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert [s for s, _ in losses(out)][-2:] == [saved + 1, saved + 2]
+
+@pytest.mark.slow
+def test_nonfinite_loss_stops_and_keeps_the_checkpoint(byte_data, tmp_path):
+    out = tmp_path / "run"
+    assert train(byte_data, out, "--max-iters=2", "--eval-every=2").returncode == 0
+    # An absurd learning rate without clipping blows the weights up within a few steps.
+    blowup = ["--lr=1e6", "--grad-clip=0", "--eval-every=1"]
+    result = train(byte_data, out, "--resume", "--max-iters=50", *blowup)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "still holds the last good state" in result.stderr
+    bad_step = int(result.stderr.split("at step ")[1].split(";")[0])
+    # The checkpoint on disk is the last good state: saved before the bad step, and finite.
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert 2 <= ckpt["step"] <= bad_step
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    # A fresh run that blows up before its first checkpoint does not claim one.
+    fresh = train(byte_data, tmp_path / "fresh", "--max-iters=50", *blowup[:2], "--eval-every=100")
+    assert fresh.returncode == 1 and "no checkpoint was written" in fresh.stderr, fresh.stderr
+    assert not (tmp_path / "fresh" / "ckpt.pt").exists()
+
+@pytest.mark.slow
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(byte_data, tmp_path):
+    out = tmp_path / "run"
+    assert train(byte_data, out, "--max-iters=2", "--eval-every=2").returncode == 0
+    before = (out / "ckpt.pt").read_bytes()
+
+    def small_disk():  # files may grow to 100 kB: the 450 kB checkpoint does not fit
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+    result = train(byte_data, out, "--resume", "--max-iters=4", "--eval-every=2", preexec_fn=small_disk)
+    assert_user_error(result, f"cannot write {out / 'ckpt.pt'}", "is as it was before")
+    assert (out / "ckpt.pt").read_bytes() == before and not list(out.glob("*.tmp"))
+
+@pytest.mark.slow
+def test_runs_do_not_mix_in_one_out_dir(byte_data, tmp_path):
+    out = tmp_path / "run"
+    assert train(byte_data, out, "--max-iters=2", "--eval-every=2").returncode == 0
+    before = (out / "ckpt.pt").read_bytes()
+    assert_user_error(train(byte_data, out, "--max-iters=2"), "holds a run already", "--resume", "--overwrite")
+    assert (out / "ckpt.pt").read_bytes() == before
+    again = train(byte_data, out, "--max-iters=3", "--eval-every=3", "--overwrite")
+    assert again.returncode == 0, again.stderr
+    assert [s for s, _ in losses(out)] == [1, 2, 3]  # the old run's records are gone, not mixed in
+
+@pytest.mark.slow
+def test_corrupt_token_ids_are_found_in_the_shard_that_holds_them(byte_data, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(byte_data, bad)
+    # 300 is past the data's vocabulary (257) but inside the model's padded one (320): only a check
+    # against the data's size finds it.
+    shard = bad / "train_0000.bin"
+    shard.write_bytes(np.full(len(shard.read_bytes()) // 2, 300, dtype=np.uint16).tobytes())
+    assert_user_error(train(bad, tmp_path / "x", "--max-iters=1"), "token id 300 >= the data's vocab_size=257",
+                      "train_0000.bin")
+
+@pytest.mark.slow
+def test_help_lists_every_setting_and_the_presets():
+    result = python("train.py", "--help")
+    assert result.returncode == 0, result.stderr
+    for f in [*train_py.TrainConfig.__dataclass_fields__, *ModelConfig.__dataclass_fields__]:
+        assert "--" + f.replace("_", "-") in result.stdout, f
+    for preset in train_py.PRESETS:
+        assert f"  {preset}: " in result.stdout
+    assert "(default: 1337)" in result.stdout  # --seed
+
+# --- Refused before training: one line, exit code 2 -----------------------------------------------
+def test_bad_settings_are_one_line_errors(byte_data, tmp_path, capsys):
+    data, x = f"--data={byte_data}", f"--out-dir={tmp_path / 'x'}"
+    tiny = [data, x, *TINY_RUN, "--max-iters=1"]
+    cases = [
+        (["--learning-rate=1"], ["unknown setting '--learning-rate=1'", "--lr"]),
+        (["--lr=fast"], ["--lr", "'fast' is not a valid float"]),
+        (["--lr=nan"], ["--lr", "'nan' is not a finite number"]),
+        (["--weight-decay=inf"], ["--weight-decay", "is not a finite number"]),
+        (["--seed=-1"], ["--seed=-1 must not be negative"]),
+        (["--n-head=3"], ["n_embd=32 is not divisible by n_head=3"]),
+        (["--vocab-size=200"], ["vocabulary (257 tokens", "vocab_size=200"]),
+        (["--batch_tokens=100"], ["--batch-tokens=100 is not a multiple"]),  # underscores work too
+        (["--max-tokens=1000"], ["exactly one of --max-iters and --max-tokens"]),
+        (["--preset=huge"], ["unknown --preset=huge", "shakespeare_cpu"]),
+        (["--dtype=float8"], ["--dtype=float8 must be"]),
+    ]
+    for extra, fragments in cases:
+        err = refused(capsys, *tiny, *extra)
+        assert all(f in err for f in fragments), (extra, err)
+    assert "meta.json" in refused(capsys, f"--data={tmp_path / 'nowhere'}", x, "--max-iters=1")
+    assert "ckpt.pt not found" in refused(capsys, data, f"--out-dir={tmp_path / 'none'}", "--resume", "--max-iters=1")
+
+def damaged_copy(byte_data, folder, edit_meta=None, edit_files=None):
+    shutil.copytree(byte_data, folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    if edit_meta:
+        edit_meta(meta)
+    (folder / "meta.json").write_text(json.dumps(meta))
+    if edit_files:
+        edit_files(folder)
+    return folder
+
+def test_damaged_data_folders_are_one_line_errors(byte_data, tmp_path, capsys):
+    def truncate(folder):
+        shard = folder / "train_0000.bin"
+        shard.write_bytes(shard.read_bytes()[:-10])
+
+    def swap_two_ranks(folder):  # another tokenizer of the same size: bytes 'a' and 'b' trade ids
+        lines = (folder / "tokenizer.tiktoken").read_text().splitlines()
+        lines[97], lines[98] = lines[98].split()[0] + " 97", lines[97].split()[0] + " 98"
+        (folder / "tokenizer.tiktoken").write_text("\n".join(lines) + "\n")
+    cases = {
+        "truncated": (None, truncate, ["train_0000.bin", "truncated or corrupt"]),
+        "vocab-type": (lambda m: m.update(vocab_size="257"), None, ["meta.json is damaged"]),
+        "eot-range": (lambda m: m.update(eot_id=70000), None, ["meta.json is damaged"]),
+        "no-count": (lambda m: m["shards"]["train"][0].pop("tokens"), None, ["meta.json is damaged"]),
+        "path-in-file": (lambda m: m["shards"]["train"][0].update(file="../x.bin"), None, ["meta.json is damaged"]),
+        "no-val": (lambda m: m["shards"].update(val=[]), None, ["lists no val shards"]),
+        "no-ranks": (None, lambda f: (f / "tokenizer.tiktoken").unlink(), ["cannot load the tokenizer"]),
+        "bad-ranks": (None, lambda f: (f / "tokenizer.tiktoken").write_text("garbage\n"), ["cannot load the tokenizer"]),
+    }
+    for name, (edit_meta, edit_files, fragments) in cases.items():
+        folder = damaged_copy(byte_data, tmp_path / name, edit_meta, edit_files)
+        err = refused(capsys, f"--data={folder}", f"--out-dir={tmp_path / 'x'}", *TINY_RUN, "--max-iters=1")
+        assert all(f in err for f in fragments), (name, err)
+    (tmp_path / "json").mkdir()
+    (tmp_path / "json" / "meta.json").write_text('{"format": "llama-sha')
+    assert "is damaged or not written by prepare.py" in refused(capsys, f"--data={tmp_path / 'json'}", "--max-iters=1")
+
+    # Resuming, or evaluating, on data from another tokenizer of the same size is refused.
+    other = damaged_copy(byte_data, tmp_path / "other", None, swap_two_ranks)
+    out = tmp_path / "run"
+    out.mkdir()
+    model = Transformer(tiny_config(vocab_size=320, max_seq_len=32))
+    meta = json.loads((byte_data / "meta.json").read_text())
+    spec = {**meta["tokenizer"], "ranks": (byte_data / "tokenizer.tiktoken").read_text()}
+    spec.pop("ranks_file")
+    opt = torch.optim.AdamW(model.parameters())
+    save_checkpoint(out / "ckpt.pt", model, spec, meta["eot_id"], train_config={"max_iters": 5},
+                    optimizer=opt.state_dict(), scaler={}, rng={"torch": torch.get_rng_state(), "cuda": []})
+    err = refused(capsys, f"--data={other}", f"--out-dir={out}", "--resume")
+    assert "was tokenized with another tokenizer" in err, err
+    err = refused(capsys, f"--data={other}", "--eval-only", f"--ckpt={out / 'ckpt.pt'}")
+    assert "was tokenized with another tokenizer" in err, err
+
+def test_damaged_checkpoints_are_one_line_errors(byte_data, tmp_path, capsys):
+    model = Transformer(tiny_config(vocab_size=320, max_seq_len=32))
+    meta = json.loads((byte_data / "meta.json").read_text())
+    spec = {**meta["tokenizer"], "ranks": (byte_data / "tokenizer.tiktoken").read_text()}
+    spec.pop("ranks_file")
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, model, spec, meta["eot_id"], train_config={"max_iters": 5})
+    ckpt = torch.load(good, weights_only=True)
+    bad = {
+        "weights": ({**ckpt, "model": {k: v[:1] for k, v in ckpt["model"].items()}}, "does not fit this model.py"),
+        "config-key": ({**ckpt, "model_config": {**ckpt["model_config"], "n_expert": 8}}, "n_expert"),
+        "train-key": ({**ckpt, "train_config": {"max_iters": 5, "muon_lr": 0.1}}, "does not know (muon_lr)"),
+        "eot": ({**ckpt, "eot_id": 9999}, "end-of-text is 9999"),
+        "type": ({**ckpt, "step": "five"}, "step of the wrong type"),
+    }
+    for name, (state, fragment) in bad.items():
+        torch.save(state, tmp_path / f"{name}.pt")
+        err = refused(capsys, f"--data={byte_data}", "--eval-only", f"--ckpt={tmp_path / name}.pt",
+                      "--hellaswag-path=none.jsonl")
+        assert fragment in err, (name, err)
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(good, out / "ckpt.pt")  # no optimizer state: it cannot be resumed exactly
+    err = refused(capsys, f"--data={byte_data}", f"--out-dir={out}", "--resume")
+    assert "has no optimizer state" in err, err
+
+# --- Pieces ---------------------------------------------------------------------------------------
+def test_lr_schedule_and_epoch_order():
+    cfg = train_py.TrainConfig(lr=1.0, warmup_iters=10, min_lr_ratio=0.1, max_iters=110)
+    lrs = [train_py.lr_at(s, cfg, 110) for s in range(111)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warmup to the peak
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))               # then only down ...
+    assert lrs[60] == pytest.approx(0.55) and lrs[110] == pytest.approx(0.1)  # ... a cosine to 10 %
+    order = train_py.EpochOrder(50, seed=3)
+    epoch0, epoch1 = [order(g) for g in range(50)], [order(g) for g in range(50, 100)]
+    assert sorted(epoch0) == sorted(epoch1) == list(range(50)) and epoch0 != epoch1
+    assert [train_py.EpochOrder(50, seed=3)(g) for g in range(50)] == epoch0
