@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from model import ModelConfig, Transformer, to_hf
-from common import (autocast, check, die, gpu_peak_flops, one_line, parse_config, parse_flags, pick_device, run_main,
-                    setting)
+from common import (autocast, check, die, flag, gpu_peak_flops, one_line, parse_config, parse_flags,
+                    pick_device, run_main, setting)
 
 @dataclass
 class BenchConfig:
@@ -64,12 +64,14 @@ class BenchConfig:
     def __post_init__(self):
         check(set(self.sections.split(",")) <= {"train", "decode", "tokenize"},
               f"--sections={self.sections}; use a comma list of train, decode, tokenize")
-        check(self.dtype in ("float32", "bfloat16", "float16"), f"--dtype={self.dtype}; use float32, bfloat16 or float16")
+        check(self.dtype in ("float32", "bfloat16", "float16"),
+              f"--dtype={self.dtype}; use float32, bfloat16 or float16")
         for name in ("batch_size", "seq_len", "steps", "repeats", "decode_batch", "decode_prompt_len",
                      "decode_new_tokens", "tokenize_copies"):
-            check(getattr(self, name) > 0, f"--{name.replace('_', '-')}={getattr(self, name)} must be positive")
+            check(getattr(self, name) > 0, f"{flag(name)}={getattr(self, name)} must be positive")
         check(self.threads >= 0, f"--threads={self.threads}; use 0 for torch's default or a positive count")
-        check(not self.text_file or os.path.isfile(self.text_file), f"--text-file={self.text_file} does not exist")
+        check(not self.text_file or os.path.isfile(self.text_file),
+              f"--text-file={self.text_file} does not exist")
 
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
@@ -205,7 +207,8 @@ def naive_generate(model, idx, new_tokens):
 
 def bench_decode(cfg, ours, theirs, device, amp):
     g = torch.Generator().manual_seed(cfg.seed + 2)
-    prompt = torch.randint(0, cfg.vocab_size, (cfg.decode_batch, cfg.decode_prompt_len), generator=g).to(device)
+    shape = (cfg.decode_batch, cfg.decode_prompt_len)
+    prompt = torch.randint(0, cfg.vocab_size, shape, generator=g).to(device)
     n, outputs = cfg.decode_new_tokens, {}
     fns = {"ours": lambda: ours.generate(prompt, n, temperature=0.0)}
     if theirs is not None:  # otherwise HF's defaults, its dynamic KV cache included
@@ -246,7 +249,8 @@ def bench_tokenize(cfg, text):
     try:
         enc = tiktoken.get_encoding("r50k_base")
     except Exception as e:  # offline without tiktoken's cache
-        raise RuntimeError(f"cannot load r50k_base ({type(e).__name__}); offline, set TIKTOKEN_CACHE_DIR") from e
+        raise RuntimeError(f"cannot load r50k_base ({type(e).__name__}); offline, set TIKTOKEN_CACHE_DIR") \
+            from e
     docs = [d for d in text.split("\n\n") if d.strip()] * cfg.tokenize_copies  # paragraphs as documents
     with tempfile.TemporaryDirectory() as tmp:
         corpus = os.path.join(tmp, "corpus.txt")

@@ -26,13 +26,11 @@ import tiktoken
 # --- The error path -------------------------------------------------------------------------------
 _progress_shown = False  # a progress line drawn with \r is on screen: the next message needs a new line
 
-
 def progress(text):
     """Redraw the one progress line on stderr (callers draw it at most a few times a second)."""
     global _progress_shown
     print("\r" + text, end="", file=sys.stderr, flush=True)
     _progress_shown = True
-
 
 def end_progress():
     """Move past the progress line, if one is on screen."""
@@ -40,7 +38,6 @@ def end_progress():
     if _progress_shown:
         print(file=sys.stderr, flush=True)
     _progress_shown = False
-
 
 def die(message):
     """A user error: one line naming the problem and the fix, exit code 2, no traceback."""
@@ -65,6 +62,11 @@ def run_main(main):
         sys.exit(1)
     except OSError as e:  # a disk that filled up, a folder that went read-only, ...
         die(f"{e.filename or 'a file'}: {e.strerror or one_line(e)}")
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(e, MemoryError) and type(e).__name__ != "OutOfMemoryError":
+            raise
+        die(f"out of memory ({one_line(e)[:120]}); use a smaller --batch-size (the same --batch-tokens keeps "
+            "the steps the same) or a smaller model")
 
 # --- Settings: dataclass fields become --flags ----------------------------------------------------
 def setting(default, help, **kwargs):
@@ -187,7 +189,7 @@ def gpu_peak_flops(device):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return next((flops for key, flops in PEAK_FLOPS if key in name), 0.0) if name else 0.0
 
-# --- Tokenizers: a tiktoken encoding by name, or BPE ranks in tiktoken's file format ------------
+# --- Tokenizers: a tiktoken encoding by name, or BPE ranks in tiktoken's file format --------------
 def load_tokenizer(spec, folder=None):
     """The tiktoken.Encoding of a tokenizer spec (meta.json's "tokenizer"): {"kind": "tiktoken",
     "name"}, or {"kind": "bpe", "name", "pat_str", "special_tokens"} with the ranks file's text in
@@ -195,7 +197,8 @@ def load_tokenizer(spec, folder=None):
     if spec["kind"] == "tiktoken":
         return tiktoken.get_encoding(spec["name"])
     text = spec["ranks"] if "ranks" in spec else Path(folder or ".", spec["ranks_file"]).read_text()
-    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in text.splitlines())}
+    ranks = {base64.b64decode(token): int(rank)
+             for token, rank in (line.split() for line in text.splitlines())}
     return tiktoken.Encoding(spec["name"], pat_str=spec["pat_str"], mergeable_ranks=ranks,
                              special_tokens=spec["special_tokens"])
 
@@ -228,7 +231,6 @@ def download(url, path, hint):
         os.replace(f"{path}.tmp", path)
     return path
 
-
 @contextlib.contextmanager
 def atomic_write(path, mode="wb"):
     """Open path for writing all at once: the data goes to path.tmp, is fsynced and renamed over
@@ -244,7 +246,8 @@ def atomic_write(path, mode="wb"):
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed; is the disk full?"
+        reason = (e.strerror if isinstance(e, OSError) and e.strerror else
+                  "the write failed; is the disk full?")
         die(f"cannot write {path}: {reason}; {path} is as it was before")
     except BaseException:
         with contextlib.suppress(OSError):
@@ -314,9 +317,9 @@ def save_checkpoint(path, model, tokenizer, eot_id, **training_state):
     module) and config, the tokenizer spec and end-of-text id, so sampling needs nothing else, plus
     what train.py adds to resume (train_config, optimizer, step, rng, ...)."""
     import torch
-    state = {"version": CHECKPOINT_VERSION, "model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
-             "tokenizer": tokenizer, "eot_id": eot_id, "train_config": {}, "step": 0, "tokens_seen": 0,
-             "best_val_loss": math.inf, **training_state}
+    state = {"version": CHECKPOINT_VERSION, "model": model.state_dict(),
+             "model_config": dataclasses.asdict(model.config), "tokenizer": tokenizer, "eot_id": eot_id,
+             "train_config": {}, "step": 0, "tokens_seen": 0, "best_val_loss": math.inf, **training_state}
     with atomic_write(path) as f:
         torch.save(state, f)
 
@@ -333,15 +336,16 @@ def load_checkpoint(path):
     ckpt = ckpt if isinstance(ckpt, dict) else {}
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
     if missing or ckpt["version"] != CHECKPOINT_VERSION:
-        die(f"{path} is not a version-{CHECKPOINT_VERSION} checkpoint of this repo (version={ckpt.get('version')}, "
-            f"missing keys: {missing or 'none'}); use the code of the version that wrote it")
+        die(f"{path} is not a version-{CHECKPOINT_VERSION} checkpoint of this repo "
+            f"(version={ckpt.get('version')}, missing keys: {missing or 'none'}); "
+            "use the code of the version that wrote it")
     wrong = [k for k, kind in CHECKPOINT_KEYS.items() if not isinstance(ckpt[k], kind)]
     if wrong:
         die(f"{path} is damaged: {', '.join(wrong)} of the wrong type")
     return ckpt
 
 def model_from_checkpoint(ckpt, path):
-    """The fp32 Transformer a checkpoint holds, on the CPU; weights that do not fit its config are an error."""
+    """The fp32 Transformer a checkpoint holds, on the CPU; weights that do not fit it are an error."""
     from model import ModelConfig, Transformer
     try:
         model = Transformer(ModelConfig(**ckpt["model_config"]))
@@ -365,7 +369,8 @@ def load_for_inference(path):
     """(model, tokenizer, end-of-text id, tokenizer spec) of a train.py checkpoint; fp32, on the CPU."""
     ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt, path)
-    return model, tokenizer_from_checkpoint(ckpt, path, model.config.vocab_size), ckpt["eot_id"], ckpt["tokenizer"]
+    enc = tokenizer_from_checkpoint(ckpt, path, model.config.vocab_size)
+    return model, enc, ckpt["eot_id"], ckpt["tokenizer"]
 
 def load_hf_folder(folder, tokenizer_name=""):
     """The same four from a Llama folder in Hugging Face's format (config.json + model.safetensors).

@@ -73,7 +73,8 @@ def write_checkpoint(path, spec, eot_id, seed=0, **overrides):
     """A checkpoint holding a tiny random model, written by the project's own writer."""
     cfg = dict(vocab_size=50257 if spec is R50K else SMALL_EOT + 1, n_layer=2, n_head=4, n_kv_head=2,
                n_embd=32, max_seq_len=64, multiple_of=16)
-    model = random_model(seed, **{**cfg, **overrides})  # random norm weights: an export that dropped them shows
+    # random norm weights: an export that dropped them would show
+    model = random_model(seed, **{**cfg, **overrides})
     save_checkpoint(path, model, spec, eot_id, train_config={"seed": seed})
     return str(path)
 
@@ -111,7 +112,8 @@ def assert_user_error(result, *fragments):
     """Exit code 2 and a single 'error: ...' line that names the problem; no traceback."""
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
     for fragment in fragments:
         assert str(fragment) in lines[0], lines[0]
 

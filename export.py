@@ -35,7 +35,8 @@ class ExportConfig:
 def bytes_to_unicode():
     """GPT-2's byte -> character map behind byte-level BPE files: printable Latin-1 bytes stand for
     themselves, the others (space, control bytes) move to U+0100 onwards, so tokens are visible strings."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
     moved = [b for b in range(256) if b not in keep]
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
 
@@ -57,7 +58,8 @@ def write_hf_tokenizer(enc, eot_id, max_seq_len, folder):
     merges = [(as_str(t[:i]), as_str(t[i:])) for t, _ in sorted(ranks.items(), key=lambda kv: kv[1])
               for i in range(1, len(t)) if t[:i] in ranks and t[i:] in ranks]
     # ignore_merges: a regex piece that is itself a token is taken whole, as tiktoken does.
-    tok = Tokenizer(models.BPE({**{as_str(t): i for t, i in ranks.items()}, **specials}, merges, ignore_merges=True))
+    vocab = {**{as_str(t): i for t, i in ranks.items()}, **specials}
+    tok = Tokenizer(models.BPE(vocab, merges, ignore_merges=True))
     tok.pre_tokenizer = pre_tokenizers.Sequence([  # tiktoken's split regex, then bytes -> characters
         pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -83,7 +85,8 @@ def export_hf(model, enc, eot_id, spec, folder):
     if spec["kind"] == "bpe":  # the ranks go beside config.json rather than inside it
         with open(os.path.join(folder, "tokenizer.tiktoken"), "w") as f:
             f.write(ranks_text(sorted(enc._mergeable_ranks, key=enc._mergeable_ranks.get)))
-        spec = {**{k: v for k, v in spec.items() if k not in ("ranks", "ranks_file")}, "ranks_file": "tokenizer.tiktoken"}
+        spec = {**{k: v for k, v in spec.items() if k not in ("ranks", "ranks_file")},
+                "ranks_file": "tokenizer.tiktoken"}
     save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, "model.safetensors"),
               metadata={"format": "pt"})
     # "torch_dtype" for transformers < 5, "dtype" for >= 5; tiktoken_spec is for sample.py --hf-dir.

@@ -46,7 +46,8 @@ def load_items(path, limit=0):
                 item = json.loads(line)
                 ok = (isinstance(item, dict) and isinstance(item.get("ctx"), str) and
                       isinstance(item.get("endings"), list) and len(item["endings"]) == 4 and
-                      all(isinstance(e, str) for e in item["endings"]) and int(item.get("label", -1)) in range(4))
+                      all(isinstance(e, str) for e in item["endings"]) and
+                      int(item.get("label", -1)) in range(4))
             except (ValueError, TypeError):
                 ok = False
             if not ok:
@@ -98,8 +99,8 @@ def evaluate(model, enc, items, device, autocast, max_len, rank=0, world=1):
     if mine:
         sums, means = score(model, enc, mine, device, autocast, max_len)
         labels = torch.tensor([int(item["label"]) for item in mine])
-        counts += torch.tensor([(sums.argmax(1) == labels).sum().item(), (means.argmax(1) == labels).sum().item(),
-                                len(mine)], device=device)
+        right, right_norm = (sums.argmax(1) == labels).sum().item(), (means.argmax(1) == labels).sum().item()
+        counts += torch.tensor([right, right_norm, len(mine)], device=device)
     if world > 1:
         dist.all_reduce(counts)
     model.train(was_training)

@@ -292,7 +292,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
     return torch.multinomial(probs, num_samples=1, generator=generator)                   # (B, 1)
 
-# --- Hugging Face interop: pure functions on state dicts and configs; the caller does I/O -------
+# --- Hugging Face interop: pure functions on state dicts and configs; the caller does I/O ---------
 def to_hf(state_dict, cfg):
     """Our state dict + ModelConfig -> (LlamaForCausalLM state dict, config.json dict)."""
     if (cfg.pos_emb, cfg.mlp, cfg.norm) != ("rope", "swiglu", "rmsnorm"):

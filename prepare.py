@@ -493,7 +493,7 @@ def prepare(cfg: PrepareConfig, command: str) -> dict:
         if k and docs < k:  # too few documents to hold any out: val is the token stream's tail
             n_val = max(1, round(cfg.val_fraction * ntok))
             move_tail(train, val, n_val, enc.eot_token)
-            val_split = f"the last {n_val} tokens of the token stream ({docs} documents are fewer than {k})"
+            val_split = f"the last {n_val} tokens of the token stream: {docs} document(s) are too few to hold any out"
         else:
             val_split = f"documents i with i % {k} == {k - 1}, counting from 0" if k else "none"
         train.close()
@@ -523,8 +523,8 @@ def prepare(cfg: PrepareConfig, command: str) -> dict:
     if stats["rows_without_text"] or stats["rows_with_empty_text"]:
         print(f"note: skipped {stats['rows_without_text']:,} rows without the field {cfg.text_field!r} and "
               f"{stats['rows_with_empty_text']:,} rows whose text is empty or null", file=sys.stderr)
-    print(f"{out}: train {train.tokens():,} tokens, {train.documents:,} documents, {len(train.shards)} shard(s); "
-          f"val {val.tokens():,} tokens, {val.documents:,} documents ({val_split})")
+    print(f"{out}: train {train.tokens():,} tokens in {len(train.shards)} shard(s), val {val.tokens():,} tokens; "
+          f"{train.documents:,} + {val.documents:,} document(s); val = {val_split}")
     return meta
 
 def main(argv):

@@ -1,7 +1,7 @@
 """
 Generate text with a trained model, token by token as it comes.
 
-    python sample.py                                    # out/shakespeare/best.pt, from the start of a document
+    python sample.py                                    # out/shakespeare/best.pt; a new document
     python sample.py --prompt "ROMEO:"
     python sample.py --prompt "To be" --temperature 0 --max-new-tokens 100         # greedy
     python sample.py --prompt-file prompt.txt --num-samples 3 --top-p 0.9 --seed 1
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (autocast, check, die, load_for_inference, load_hf_folder, one_line, parse_config, parse_flags,
-                    pick_device, pick_dtype, run_main, setting)
+from common import (autocast, check, die, load_for_inference, load_hf_folder, one_line, parse_config,
+                    parse_flags, pick_device, pick_dtype, run_main, setting)
 
 @dataclass
 class SampleConfig:
@@ -29,7 +29,7 @@ class SampleConfig:
     tokenizer: str = setting("", "tiktoken encoding for an --hf-dir folder without our spec, e.g. r50k_base")
     prompt: str | None = setting(None, "text to continue; none: start from end-of-text, a new document")
     prompt_file: str = setting("", "read the prompt from this file instead")
-    interactive: bool = setting(False, "read prompts from the terminal (or stdin, one per line) until end of input")
+    interactive: bool = setting(False, "read prompts from the terminal (or stdin, one a line) until the end")
     num_samples: int = setting(1, "completions per prompt")
     max_new_tokens: int = setting(200, "tokens per completion (fewer if end-of-text comes first)")
     temperature: float = setting(0.8, "softmax temperature; 0 = greedy")
@@ -41,12 +41,14 @@ class SampleConfig:
     compile: bool = setting(False, "torch.compile the model (pays off for long generations on a GPU)")
 
     def __post_init__(self):
-        check(not (self.tokenizer and not self.hf_dir), "--tokenizer is for --hf-dir folders; a checkpoint names its own")
+        check(not (self.tokenizer and not self.hf_dir),
+              "--tokenizer is for --hf-dir folders; a checkpoint names its own")
         check(not (self.prompt is not None and self.prompt_file), "give --prompt or --prompt-file, not both")
         check(not (self.interactive and (self.prompt is not None or self.prompt_file)),
               "--interactive reads its prompts; drop --prompt and --prompt-file")
         check(self.temperature >= 0, f"--temperature={self.temperature} must be >= 0 (0 = greedy)")
-        check(self.top_k is None or self.top_k >= 1, f"--top-k={self.top_k} must be >= 1 (leave it out for all tokens)")
+        check(self.top_k is None or self.top_k >= 1,
+              f"--top-k={self.top_k} must be >= 1 (leave it out for all tokens)")
         check(0 < self.top_p <= 1, f"--top-p={self.top_p} must be in (0, 1] (1 = off)")
         check(self.num_samples >= 1, f"--num-samples={self.num_samples} must be >= 1")
         check(self.max_new_tokens >= 1, f"--max-new-tokens={self.max_new_tokens} must be >= 1")
@@ -101,7 +103,8 @@ def complete(model, enc, eot_id, prompt, cfg, generator):
         # Keep the last S tokens, not S - 1: the first new token is sampled from the prefill's last
         # position, and only the step after needs position S, where the cache restarts from the
         # recent half of the text, as in any generation that runs past the context.
-        print(f"warning: the prompt has {len(ids)} tokens > max_seq_len={S}; keeping the last {S}", file=sys.stderr)
+        print(f"warning: the prompt has {len(ids)} tokens > max_seq_len={S}; keeping the last {S}",
+              file=sys.stderr)
         ids = ids[-S:]
     idx = torch.tensor([ids], device=generator.device)                                   # (1, T)
     for _ in range(cfg.num_samples):
@@ -120,7 +123,10 @@ def main(argv):
         die("give --ckpt PATH or --hf-dir DIR, not both")
     prompt = None if cfg.interactive else read_prompt(cfg)
     device = pick_device(cfg.device)
-    model, enc, eot_id, _ = load_hf_folder(cfg.hf_dir, cfg.tokenizer) if cfg.hf_dir else load_for_inference(cfg.ckpt)
+    if cfg.hf_dir:
+        model, enc, eot_id, _ = load_hf_folder(cfg.hf_dir, cfg.tokenizer)
+    else:
+        model, enc, eot_id, _ = load_for_inference(cfg.ckpt)
     model.to(device).eval()
     if cfg.compile:  # in place, so the forward calls inside model.generate_stream are the compiled ones
         model.compile()

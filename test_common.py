@@ -114,3 +114,20 @@ def test_devices_this_machine_lacks_are_errors(capsys):
     assert common.pick_device("cpu").type == "cpu"
     for name in ("tpu", "cuda:7", "meta"):
         assert f"--device={name} is unknown or not on this machine" in error(capsys, common.pick_device, name)
+
+def test_run_main_ends_faults_in_one_line(capsys, monkeypatch):
+    def failing(exc):
+        def main(argv):
+            raise exc
+        return main
+    cases = [(KeyboardInterrupt(), 130, "interrupted"),
+             (OSError(30, "Read-only file system", "/data/x.bin"), 2, "error: /data/x.bin: Read-only file system"),
+             (MemoryError(), 2, "error: out of memory"),
+             (type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory"), 2, "use a smaller --batch-size")]
+    for exc, code, message in cases:
+        with pytest.raises(SystemExit) as exit:
+            common.run_main(failing(exc))
+        err = capsys.readouterr().err
+        assert exit.value.code == code and message in err and err.count("\n") == 1, err
+    with pytest.raises(RuntimeError):  # anything else is a bug: its traceback is wanted
+        common.run_main(failing(RuntimeError("a bug")))

@@ -76,13 +76,14 @@ class TrainConfig:
     device: str = setting("auto", "auto (cuda > mps > cpu), cpu, cuda or mps; under torchrun cuda:LOCAL_RANK")
     dtype: str = setting("auto", "autocast dtype: auto, float32, bfloat16 or float16; weights stay fp32")
     compile: str = setting("auto", "torch.compile the model: auto (on for CUDA), true or false")
-    peak_flops: float = setting(0.0, "per-device peak FLOP/s for MFU; 0 = look the GPU up in common.PEAK_FLOPS")
+    peak_flops: float = setting(0.0, "per-device peak FLOP/s for MFU; 0 = the GPU's from common.PEAK_FLOPS")
 
     def __post_init__(self):
         check(self.preset in PRESETS, f"unknown --preset={self.preset}; choose one of {', '.join(PRESETS)}")
         check(self.dtype in ("auto", "float32", "bfloat16", "float16"),
               f"--dtype={self.dtype} must be auto, float32, bfloat16 or float16")
-        check(self.compile in ("auto", "true", "false"), f"--compile={self.compile} must be auto, true or false")
+        check(self.compile in ("auto", "true", "false"),
+              f"--compile={self.compile} must be auto, true or false")
         for name in ("batch_size", "eval_every", "eval_batches", "log_every"):
             check(getattr(self, name) > 0, f"{flag(name)}={getattr(self, name)} must be positive")
         for name in ("seed", "lr", "batch_tokens", "max_iters", "max_tokens", "warmup_iters", "weight_decay",
@@ -91,8 +92,8 @@ class TrainConfig:
         check(0 <= self.min_lr_ratio <= 1 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
               f"need 0 <= min_lr_ratio <= 1 and 0 <= beta < 1; got --min-lr-ratio={self.min_lr_ratio} "
               f"--beta1={self.beta1} --beta2={self.beta2}")
-        check(self.eval_only or (self.max_iters > 0) != (self.max_tokens > 0),
-              f"give exactly one of --max-iters and --max-tokens (got {self.max_iters} and {self.max_tokens})")
+        check(self.eval_only or (self.max_iters > 0) != (self.max_tokens > 0), "give exactly one of "
+              f"--max-iters and --max-tokens (got {self.max_iters} and {self.max_tokens})")
         check(not self.eval_only or self.ckpt, "--eval-only needs --ckpt=PATH")
 
 MODEL_HELP = {  # --help for ModelConfig's fields (model.py says the same in comments)
@@ -133,9 +134,10 @@ PRESETS = {
                        warmup_iters=700, eval_every=500, hellaswag_every=2000, data="data/fineweb_edu",
                        out_dir="out/gpt2_small"),
 }
-PRESETS_HELP = "presets (without --preset, shakespeare_cpu applies; its values replace the defaults above):\n" + \
-    "\n".join(textwrap.fill(" ".join(f"{flag(k)}={v}" for k, v in p.items()), 100, initial_indent=f"  {name}: ",
-                             subsequent_indent="      ", break_on_hyphens=False) for name, p in PRESETS.items())
+PRESETS_HELP = "presets (without --preset, shakespeare_cpu applies; its values replace the defaults):\n" + \
+    "\n".join(textwrap.fill(" ".join(f"{flag(k)}={v}" for k, v in p.items()), 100, break_on_hyphens=False,
+                             initial_indent=f"  {name}: ", subsequent_indent="      ")
+              for name, p in PRESETS.items())
 
 def lr_at(step, cfg, max_iters):
     """Linear warmup over warmup_iters steps, then a cosine from lr down to min_lr_ratio * lr at max_iters."""
@@ -155,20 +157,24 @@ def load_meta(folder):
             meta = json.load(f)
         itemsize = {"uint16": 2, "uint32": 4}[meta["dtype"]]
         vocab, eot, spec = meta["vocab_size"], meta["eot_id"], meta["tokenizer"]
-        entries = [(split, s["file"], s["tokens"]) for split in ("train", "val") for s in meta["shards"][split]]
+        entries = [(split, s["file"], s["tokens"]) for split in ("train", "val")
+                   for s in meta["shards"][split]]  # (split, file name, tokens) of each shard
         assert isinstance(vocab, int) and isinstance(eot, int) and 0 <= eot < vocab <= 256 ** itemsize
         assert isinstance(spec, dict) and spec.get("kind") in ("tiktoken", "bpe")
-        assert all(isinstance(f, str) and os.path.basename(f) == f and isinstance(n, int) for _, f, n in entries)
+        assert all(isinstance(f, str) and os.path.basename(f) == f and isinstance(n, int)
+                   for _, f, n in entries)  # plain file names: meta.json cannot point outside the folder
     except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
-        die(f"{path} is damaged or not written by prepare.py ({type(e).__name__} {one_line(e)}); re-run prepare.py")
+        die(f"{path} is damaged or not written by prepare.py ({type(e).__name__} {one_line(e)}); "
+            "re-run prepare.py")
     for split in ("train", "val"):
         if not meta["shards"][split]:
             die(f"{path} lists no {split} shards; re-run prepare.py with --val-fraction > 0")
     for split, file, n in entries:
-        size = os.path.getsize(os.path.join(folder, file)) if os.path.isfile(os.path.join(folder, file)) else -1
+        file = os.path.join(folder, file)
+        size = os.path.getsize(file) if os.path.isfile(file) else -1
         if size != n * itemsize:
-            die(f"{os.path.join(folder, file)} has {size} bytes but meta.json says {n} tokens of {meta['dtype']}: "
-                f"the shard is missing, truncated or corrupt; re-run prepare.py")
+            die(f"{file} has {size} bytes but meta.json says {n} tokens of {meta['dtype']}: the shard is "
+                "missing, truncated or corrupt; re-run prepare.py")
     return meta
 
 def tokenizer_of(meta, folder):
@@ -197,7 +203,8 @@ class TokenWindows:
         self.first = np.cumsum([0] + per_shard)  # window number where each shard starts
         self.n, self.seq_len, self.vocab_size = int(self.first[-1]), seq_len, meta["vocab_size"]
         if self.n == 0:
-            die(f"the {split} split of {folder} has fewer than {seq_len + 1} tokens; use a smaller --max-seq-len")
+            die(f"the {split} split of {folder} has fewer than {seq_len + 1} tokens; "
+                "use a smaller --max-seq-len")
 
     def batch(self, windows, device):
         rows = []
@@ -206,8 +213,8 @@ class TokenWindows:
             start = (int(w) - int(self.first[k])) * self.seq_len
             rows.append(self.shards[k][start:start + self.seq_len + 1])
             if rows[-1].max() >= self.vocab_size:  # cheap, and catches corrupt shards where it matters
-                die(f"token id {int(rows[-1].max())} >= the data's vocab_size={self.vocab_size} in {self.files[k]}: "
-                    f"a corrupt shard or data from another tokenizer; re-run prepare.py")
+                die(f"token id {int(rows[-1].max())} >= the data's vocab_size={self.vocab_size} in "
+                    f"{self.files[k]}: a corrupt shard or data from another tokenizer; re-run prepare.py")
         tokens = torch.from_numpy(np.stack(rows).astype(np.int64))                # (B, T + 1)
         if device.type == "cuda":  # page-locked memory lets the copy run without blocking this process
             tokens = tokens.pin_memory()
@@ -284,13 +291,15 @@ def resolve_settings(given):
         model_settings["vocab_size"] = 64 * math.ceil(meta["vocab_size"] / 64)
     model_cfg = parse_config(ModelConfig, model_settings)
     if meta and meta["vocab_size"] > model_cfg.vocab_size:
-        die(f"the data's vocabulary ({meta['vocab_size']} tokens, {cfg.data}/meta.json) does not fit the model's "
-            f"vocab_size={model_cfg.vocab_size}; raise --vocab-size or re-run prepare.py")
+        die(f"the data's vocabulary ({meta['vocab_size']} tokens, {cfg.data}/meta.json) does not fit the "
+            f"model's vocab_size={model_cfg.vocab_size}; raise --vocab-size or re-run prepare.py")
     return cfg, model_cfg, ckpt, meta
 
 def check_out_dir(cfg, ckpt, max_iters):
     """Make this the only run writing out_dir; refuse to mix two runs there; exit early (0) when a
     resumed run has nothing left to do."""
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        die(f"--out-dir={cfg.out_dir} is a file; choose a folder")
     lock(cfg.out_dir, "--out-dir")  # held until this process exits
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
@@ -387,7 +396,8 @@ class RunLog:
             except ImportError:
                 die("--wandb needs the wandb package: pip install wandb")
             self.wandb = wandb
-            wandb.init(project=cfg.wandb_project, name=os.path.basename(os.path.abspath(cfg.out_dir)), config=config)
+            name = os.path.basename(os.path.abspath(cfg.out_dir))
+            wandb.init(project=cfg.wandb_project, name=name, config=config)
 
     def print(self, *args, **kwargs):
         if self.master:
@@ -445,14 +455,15 @@ def batch_plan(cfg, T, world):
     if batch_tokens % micro_tokens:
         die(f"--batch-tokens={batch_tokens} is not a multiple of batch_size * max_seq_len * processes = "
             f"{cfg.batch_size} * {T} * {world} = {micro_tokens}")
-    return batch_tokens, batch_tokens // micro_tokens, cfg.max_iters or math.ceil(cfg.max_tokens / batch_tokens)
+    max_iters = cfg.max_iters or math.ceil(cfg.max_tokens / batch_tokens)
+    return batch_tokens, batch_tokens // micro_tokens, max_iters
 
 def rng_state(rt):
     return {"torch": torch.get_rng_state(),
             "cuda": [torch.cuda.get_rng_state(rt.device)] if rt.device.type == "cuda" else []}
 
 def restore(ckpt, model, optimizer, rt):
-    """Put back what ckpt saved: weights, optimizer, scaler, and rank 0's RNG -> (step, tokens seen, best val loss)."""
+    """Put back what ckpt saved (weights, optimizer, scaler, rank 0's RNG) -> (step, tokens, best val)."""
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     rt.scaler.load_state_dict(ckpt["scaler"])
@@ -473,7 +484,8 @@ def evaluate_only(cfg, model, ckpt, meta, rt):
         val = TokenWindows(cfg.data, meta, "val", model.config.max_seq_len)
         record["val_loss"] = evaluate_loss(model, val, cfg, rt)
         record["val_ppl"] = math.exp(record["val_loss"])
-    record |= hellaswag.evaluate(model, enc, items, rt.device, rt.amp, model.config.max_seq_len, rt.rank, rt.world)
+    T = model.config.max_seq_len
+    record |= hellaswag.evaluate(model, enc, items, rt.device, rt.amp, T, rt.rank, rt.world)
     log = RunLog(os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "log.jsonl"), rt.master)
     log.print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
     log.record(record)
@@ -482,15 +494,18 @@ def print_plan(log, cfg, model, rt, train, val, tokenizer, step, max_iters, batc
     """What the run will do, where, and where its outputs go, before any of it is spent."""
     mc, T, n_params = model.config, model.config.max_seq_len, model.num_params()
     total = max_iters * batch_tokens
-    log.print(f"model   {n_params / 1e6:.2f}M parameters ({model.num_params(embeddings=False) / 1e6:.2f}M without "
-              f"embeddings): {mc.n_layer} layers, d{mc.n_embd}, {mc.n_head} heads / {mc.n_kv_head} kv, T={T}, "
+    body = model.num_params(embeddings=False)
+    log.print(f"model   {n_params / 1e6:.2f}M parameters ({body / 1e6:.2f}M without embeddings): "
+              f"{mc.n_layer} layers, d{mc.n_embd}, {mc.n_head} heads / {mc.n_kv_head} kv, T={T}, "
               f"vocab {mc.vocab_size}")
     log.print(f"data    {cfg.data}: {train.n * T / 1e6:,.2f}M train tokens, {val.n * T / 1e6:,.2f}M val, "
               f"tokenizer {tokenizer['name']}")
-    log.print(f"plan    {f'from step {step} to ' if step else ''}{max_iters} steps x {batch_tokens:,} tokens = "
-              f"{total / 1e6:,.1f}M tokens ({total / max(1, train.n * T):.2f} epochs, {total / n_params:.1f} per "
-              f"parameter; Chinchilla-optimal ~20), {model.flops_per_token(T) * total:.2e} FLOPs")
-    log.print(f"runtime {rt.device} ({torch.cuda.get_device_name(rt.device) if rt.device.type == 'cuda' else 'cpu'}), "
+    log.print(f"plan    {f'from step {step} to ' if step else ''}{max_iters} steps x {batch_tokens:,} "
+              f"tokens = {total / 1e6:,.1f}M tokens ({total / max(1, train.n * T):.2f} epochs, "
+              f"{total / n_params:.1f} per parameter; Chinchilla-optimal ~20), "
+              f"{model.flops_per_token(T) * total:.2e} FLOPs")
+    name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu"
+    log.print(f"runtime {rt.device} ({name}), "
               f"{str(rt.dtype).removeprefix('torch.')}, compile {'on' if rt.compile else 'off'}, "
               f"{rt.world} process(es) x {accum} micro-batch(es) of {cfg.batch_size} sequences")
     log.print(f"output  {cfg.out_dir}/: ckpt.pt (latest), best.pt (lowest val loss), log.jsonl, loss.png")
@@ -509,9 +524,10 @@ def print_summary(log, cfg, paths, code, why, step, start_step, seconds, best_va
         log.print(f"done: {step - start_step} steps in {minutes(seconds)}; best val loss {best_val:.4f} "
                   f"(ppl {math.exp(best_val):.2f}) in {paths['best.pt']}\n"
                   f"  sample:   python sample.py --ckpt {paths['best.pt']} --prompt \"...\"\n"
-                  f"  go on:    python train.py --resume --out-dir={cfg.out_dir} --max-iters=N  (N > {step})\n"
-                  f"  records:  {paths['log.jsonl']}" + (f", {paths['loss.png']}" if os.path.exists(paths["loss.png"])
-                                                         else ""))
+                  f"  go on:    python train.py --resume --out-dir={cfg.out_dir} --max-iters=N"
+                  f"  (N > {step})\n"
+                  f"  records:  {paths['log.jsonl']}" +
+                  (f", {paths['loss.png']}" if os.path.exists(paths["loss.png"]) else ""))
 
 # --- The run --------------------------------------------------------------------------------------
 def main(argv):
@@ -546,12 +562,15 @@ def main(argv):
     if not (ckpt and rt.master):
         torch.manual_seed(cfg.seed + rt.rank + 7919 * step)
     # DDP averages the gradients of all ranks inside backward; evaluation uses the model without it.
-    model = DDP(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None) if rt.ddp else compiled
+    model = compiled
+    if rt.ddp:
+        model = DDP(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
     train, val = (TokenWindows(cfg.data, meta, split, T) for split in ("train", "val"))
     order = EpochOrder(train.n, cfg.seed)
     items = hellaswag.get_items(cfg.hellaswag_path, cfg.hellaswag_items, rt.rank, rt.world) \
         if cfg.hellaswag_every else None  # loaded (and checked) now, not after hours of training
-    paths = {name: os.path.join(cfg.out_dir, name) for name in ("ckpt.pt", "best.pt", "log.jsonl", "loss.png")}
+    paths = {name: os.path.join(cfg.out_dir, name)
+             for name in ("ckpt.pt", "best.pt", "log.jsonl", "loss.png")}
     log = RunLog(paths["log.jsonl"], rt.master, cfg, config={**asdict(cfg), **asdict(model_cfg)})
     if rt.master:  # the resolved settings, for people (the checkpoint holds its own copy)
         with atomic_write(os.path.join(cfg.out_dir, "config.json"), "w") as f:
@@ -568,13 +587,15 @@ def main(argv):
         last_step = step == max_iters
         # Evaluate at step 0 (the baseline), every eval_every steps and at the end; a resumed run
         # skips its first step, which its checkpoint was evaluated and saved at.
-        evaluate = not stopped and (last_step or step % cfg.eval_every == 0 and (step > start_step or step == 0))
+        due = step % cfg.eval_every == 0 and (step > start_step or step == 0)
+        evaluate = not stopped and (last_step or due)
         if evaluate:
             val_loss = evaluate_loss(compiled, val, cfg, rt)
             if not math.isfinite(val_loss):  # the last update broke the weights: do not save them
                 exit_code, why = 1, f"validation loss is {val_loss}"
                 break
-            record = {"step": step, "tokens": tokens_seen, "val_loss": val_loss, "val_ppl": math.exp(val_loss)}
+            record = {"step": step, "tokens": tokens_seen, "val_loss": val_loss,
+                      "val_ppl": math.exp(val_loss)}
             if items and (last_step or step % cfg.hellaswag_every == 0):
                 record |= hellaswag.evaluate(compiled, enc, items, rt.device, rt.amp, T, rt.rank, rt.world)
             log.print(f"eval step {step} | val loss {val_loss:.4f} | ppl {record['val_ppl']:.2f}" +
@@ -586,9 +607,10 @@ def main(argv):
         if rt.master and step > start_step and (evaluate or stopped):
             improved = evaluate and val_loss < best_val
             best_val = val_loss if improved else best_val
-            save_checkpoint(paths["ckpt.pt"], raw_model, tokenizer, meta["eot_id"], train_config=asdict(cfg),
-                            optimizer=optimizer.state_dict(), scaler=rt.scaler.state_dict(), rng=rng_state(rt),
-                            step=step, tokens_seen=tokens_seen, best_val_loss=best_val)
+            save_checkpoint(paths["ckpt.pt"], raw_model, tokenizer, meta["eot_id"],
+                            train_config=asdict(cfg), optimizer=optimizer.state_dict(),
+                            scaler=rt.scaler.state_dict(), rng=rng_state(rt), step=step,
+                            tokens_seen=tokens_seen, best_val_loss=best_val)
             if improved:  # best.pt: the same bytes, written atomically too
                 with open(paths["ckpt.pt"], "rb") as src, atomic_write(paths["best.pt"]) as dst:
                     dst.write(src.read())
