@@ -34,8 +34,25 @@ import torch
 import torch.nn.functional as F
 
 from model import ModelConfig, Transformer, to_hf
-from common import (autocast, check, die, flag, gpu_peak_flops, one_line, parse_config, parse_flags,
-                    pick_device, run_main, setting)
+from common import (autocast, check, cpu_has_bf16, die, flag, gpu_peak_flops, matmul_flops, one_line,
+                    parse_config, parse_flags, pick_device, run_main, setting)
+
+SECTIONS = ("train", "decode", "tokenize", "limit", "time_to_loss")
+# The time_to_loss runs: train.py's flags and the val loss to reach. nanogpt: nanoGPT's published CPU
+# config for character-level Shakespeare (val 1.88 after 2,000 steps), here on bytes (the same for
+# this ASCII text); demo: the shakespeare_cpu preset on the 4096-token BPE (4.44 before this change).
+TTL_RUNS = {  # name: (train.py flags, more flags per optimizer, prepare.py flags, target val loss)
+    "nanogpt": (["--n-layer=4", "--n-head=4", "--n-kv-head=4", "--n-embd=128", "--multiple-of=32",
+                 "--max-seq-len=64", "--batch-size=12", "--max-iters=2000", "--lr=1e-3", "--min-lr-ratio=0.1",
+                 "--warmup-iters=100", "--beta2=0.99", "--dropout=0", "--tie-embeddings", "--eval-every=100",
+                 "--eval-batches=20"], {"adamw": [], "muon": ["--muon-lr=0.02", "--muon-momentum=0.95"]},
+                ["--vocab-size", "256", "--val-fraction", "0.1"], 1.88),
+    # the preset is Muon's; AdamW gets the recipe the preset had before Muon (600 steps at 2e-3)
+    "demo": (["--preset=shakespeare_cpu", "--eval-every=50"],
+             {"adamw": ["--max-iters=600", "--lr=2e-3", "--warmup-iters=50"], "muon": []},
+             ["--preset", "shakespeare"], 4.44),
+}
+
 
 @dataclass
 class BenchConfig:
@@ -55,15 +72,26 @@ class BenchConfig:
     decode_batch: int = setting(1, "sequences decoded at once")
     decode_prompt_len: int = setting(32, "prompt tokens before decoding")
     decode_new_tokens: int = setting(128, "tokens decoded per run")
-    sections: str = setting("train,decode,tokenize", "comma list of train, decode, tokenize")
+    sections: str = setting("train,decode,tokenize,limit", "comma list of " + ", ".join(SECTIONS))
     text_file: str = setting("", "text for the tokenize section")
     tokenize_copies: int = setting(10, "the tokenize section's corpus: this many copies of --text-file")
     peak_flops: float = setting(0.0, "accelerator peak FLOP/s for MFU; 0 = looked up in common.PEAK_FLOPS")
     seed: int = setting(0, "seed of weights and inputs")
+    ttl_run: str = setting("nanogpt", "time_to_loss: nanogpt (nanoGPT's CPU config on bytes) or demo (the CPU preset)")
+    ttl_variants: str = setting("fp32-adamw,bf16-adamw,bf16-muon", "time_to_loss: the runs, dtype-optimizer")
+    ttl_target: float = setting(0.0, "time_to_loss: the val loss to reach; 0 = 1.88 (nanogpt) or 4.44 (demo)")
+    ttl_steps: int = setting(0, "time_to_loss: steps per run; 0 = the run's own (2,000 or the preset's)")
 
     def __post_init__(self):
-        check(set(self.sections.split(",")) <= {"train", "decode", "tokenize"},
-              f"--sections={self.sections}; use a comma list of train, decode, tokenize")
+        check(set(self.sections.split(",")) <= set(SECTIONS),
+              f"--sections={self.sections}; use a comma list of {', '.join(SECTIONS)}")
+        check(self.ttl_run in TTL_RUNS, f"--ttl-run={self.ttl_run}; use {' or '.join(TTL_RUNS)}")
+        for variant in self.ttl_variants.split(","):
+            dtype, _, optimizer = variant.partition("-")
+            check(dtype in ("fp32", "bf16") and optimizer in ("adamw", "muon"),
+                  f"--ttl-variants: {variant!r} is not fp32|bf16 - adamw|muon, e.g. bf16-muon")
+        check("time_to_loss" not in self.sections or self.text_file,
+              "the time_to_loss section trains on --text-file=PATH; give one")
         check(self.dtype in ("float32", "bfloat16", "float16"),
               f"--dtype={self.dtype}; use float32, bfloat16 or float16")
         for name in ("batch_size", "seq_len", "steps", "repeats", "decode_batch", "decode_prompt_len",
@@ -236,7 +264,95 @@ def bench_decode(cfg, ours, theirs, device, amp):
     if theirs is not None:
         result["same_tokens_as_hf"] = torch.equal(outputs["ours"], outputs["hf"])
     result["same_tokens_as_no_cache"] = torch.equal(outputs["ours"], outputs["ours_no_cache"])
+    # Each decode step reads every matmul weight once (fp32, also under autocast) for decode_batch
+    # tokens: how much of the read bandwidth does that use?
+    weights = (ours.num_params(embeddings=False) + ours.lm_head.weight.numel()) * 4
+    streamed, bandwidth = weights * result["ours_tok_s"] / cfg.decode_batch, read_bandwidth(device)
+    result |= {"weights_gb_s": round(streamed / 1e9, 2), "read_bandwidth_gb_s": round(bandwidth / 1e9, 1),
+               "bandwidth_fraction": round(streamed / bandwidth, 4)}
     return result
+
+def read_bandwidth(device, gigabytes=0.5):
+    """Bytes per second of reading a large tensor (a sum over it), the best of a few."""
+    x = torch.ones(int(gigabytes * 2**30) // 4, device=device)
+    x.sum()  # warm-up: the pages are touched
+    return x.numel() * 4 / min(timed(x.sum, device) for _ in range(3))
+
+
+# --- The limit: peak matmul FLOP/s against the training step's ------------------------------------
+def bench_limit(cfg, ours, device):
+    """For fp32 and bf16 (on CPUs and GPUs that have it): the peak matmul FLOP/s measured on this
+    device and the FLOP/s of our training step (train.py's: fused AdamW, autocast), interleaved."""
+    dtypes = {"float32": torch.float32}
+    if device.type == "cuda" or cpu_has_bf16():
+        dtypes["bfloat16"] = torch.bfloat16
+    g = torch.Generator().manual_seed(cfg.seed + 3)
+    data = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1), generator=g).to(device)
+    x, y = data[:, :-1], data[:, 1:]
+    opt = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)
+
+    def step_in(dtype):
+        def step():
+            with autocast(device, dtype):
+                loss = ours(x, y)[1]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+    runs = {name: step_in(dtype) for name, dtype in dtypes.items()}
+    for run in runs.values():  # warm-up
+        run()
+    secs = interleaved(runs, cfg.repeats, device)
+    flops_per_step = ours.flops_per_token(cfg.seq_len) * cfg.batch_size * cfg.seq_len
+    result = {}
+    for name, dtype in dtypes.items():
+        peak = matmul_flops(device, dtype)
+        achieved = flops_per_step / statistics.median(secs[name])
+        result[name] = {"peak_matmul_gflops": round(peak / 1e9, 1), "train_gflops": round(achieved / 1e9, 1),
+                        "fraction_of_peak": round(achieved / peak, 3)}
+    return result
+
+
+# --- Time to a loss: train.py itself, run by run -----------------------------------------------------
+def bench_time_to_loss(cfg):
+    """Steps and seconds (from the start of training) for each variant of one run to reach the
+    target val loss, one after another on the same data, plus where each one ended."""
+    import tempfile
+    train_flags, optimizer_flags, prepare_flags, target = TTL_RUNS[cfg.ttl_run]
+    target = cfg.ttl_target or target
+    here = os.path.dirname(os.path.abspath(__file__))
+    result = {"target_val_loss": target}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "data")
+        prepared = subprocess.run([sys.executable, os.path.join(here, "prepare.py"), "--input", cfg.text_file,
+                                   *prepare_flags, "--out", data], capture_output=True, text=True)
+        if prepared.returncode:
+            raise RuntimeError(f"prepare.py failed: {prepared.stderr.strip()[-200:]}")
+        for variant in cfg.ttl_variants.split(","):
+            dtype, _, optimizer = variant.partition("-")
+            out = os.path.join(tmp, variant)
+            log(f"time_to_loss: training {variant} ({cfg.ttl_run})")
+            t0 = time.time()
+            steps = [f"--max-iters={cfg.ttl_steps}", "--eval-every=10"] if cfg.ttl_steps else []
+            run = subprocess.run([sys.executable, os.path.join(here, "train.py"), f"--data={data}",
+                                  f"--out-dir={out}", *train_flags, *steps, "--sample-tokens=0",
+                                  f"--dtype={'float32' if dtype == 'fp32' else 'bfloat16'}",
+                                  f"--optimizer={optimizer}", *optimizer_flags[optimizer]],
+                                 capture_output=True, text=True)
+            if run.returncode:
+                raise RuntimeError(f"train.py failed: {run.stderr.strip()[-200:]}")
+            with open(os.path.join(out, "log.jsonl")) as f:
+                records = [json.loads(line) for line in f]
+            evals = [r for r in records if "val_loss" in r]
+            hit = next((r for r in evals if r["val_loss"] <= target), None)
+            speeds = sorted(r["tokens_per_s"] for r in records if "tokens_per_s" in r)
+            result[variant] = {"steps_to_target": hit and hit["step"],
+                               "seconds_to_target": hit and round(hit["elapsed"], 1),
+                               "final_val_loss": round(evals[-1]["val_loss"], 4),
+                               "seconds_in_all": round(time.time() - t0, 1),
+                               "tokens_per_s": round(speeds[len(speeds) // 2])}
+    return result
+
 
 # --- Tokenization ---------------------------------------------------------------------------------
 def bench_tokenize(cfg, text):
@@ -313,6 +429,10 @@ def main(argv):
                     report["train_compiled"]["ours_tok_s"] / report["train_eager"]["hf_tok_s"], 3)
     if "decode" in sections:
         section("decode", lambda: bench_decode(cfg, ours, theirs, device, amp))
+    if "limit" in sections:
+        section("limit", lambda: bench_limit(cfg, ours, device))
+    if "time_to_loss" in sections:
+        section("time_to_loss", lambda: bench_time_to_loss(cfg))
     if "tokenize" in sections:
         if not cfg.text_file:
             report["tokenize"] = {"skipped": "no text given: pass --text-file=PATH"}

@@ -162,14 +162,48 @@ def pick_device(name="auto"):
         die(f"--device={name} is unknown or not on this machine; use auto, cpu, cuda, cuda:N or mps")
     return device
 
+def cpu_has_bf16():
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), read from /proc/cpuinfo: a
+    capability check rather than a timing probe, so the choice is the same on every run. With it,
+    oneDNN runs bf16 matmuls at twice the fp32 rate (training ran 2.6x faster on a 2-core EPYC);
+    without it bf16 is emulated and slower than fp32. Not Linux: assume not."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def pick_dtype(name, device):
-    """The autocast dtype by name; auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 elsewhere."""
+    """The autocast dtype by name; auto: bf16 on GPUs and CPUs that have it, fp16 on older GPUs,
+    fp32 elsewhere (MPS included)."""
     import torch
-    if name == "auto":
-        if device.type != "cuda":
-            return torch.float32
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return getattr(torch, name)
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else torch.float32
+
+
+def matmul_flops(device, dtype, n=2048, repeats=3):
+    """Measured peak matmul FLOP/s of device in dtype: the best of a few n x n products."""
+    import time
+
+    import torch
+    g = torch.Generator().manual_seed(0)  # its own: drawing from torch's would shift a run's dropout
+    a, b = (torch.randn(n, n, generator=g).to(device, dtype) for _ in range(2))
+    best = math.inf
+    for _ in range(repeats + 1):  # the first warms up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
 
 def autocast(device, dtype):
     """Low precision where it is safe: matmuls in dtype, weights and reductions stay fp32."""

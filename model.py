@@ -13,6 +13,7 @@ Dimensions: B batch, T positions in this call, S cached positions, C = n_embd, H
 Hkv key/value heads, D = C // H head dim, V vocab size.
 """
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -137,10 +138,16 @@ class Attention(nn.Module):
             mask, causal = None, True
         else:         # a block after S - T cached keys: the triangle shifted right by them
             mask, causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T), False
+        # On a CPU, torch's attention kernels are 1.1-2.5x slower in bf16 than in fp32 (forward and
+        # backward, measured), and autocast would lower fp32 inputs to bf16: there they stay fp32.
+        cpu_amp = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        if cpu_amp:
+            q, k, v = q.float(), k.float(), v.float()
         # enable_gqa: each group of H/Hkv query heads reads its K/V head in place (HF's repeat_kv copies).
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0,
-                                           enable_gqa=self.n_kv_head != self.n_head)     # (B, H, T, D)
+        with torch.autocast("cpu", enabled=False) if cpu_amp else nullcontext():
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                               dropout_p=self.dropout if self.training else 0.0,
+                                               enable_gqa=self.n_kv_head != self.n_head)  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)       # (B, T, C)
         return self.o_proj(y)
 

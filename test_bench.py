@@ -16,8 +16,9 @@ TINY = ["--n-layer=1", "--n-embd=32", "--n-head=2", "--n-kv-head=1", "--vocab-si
 
 @pytest.mark.slow
 def test_bench_runs_and_its_two_models_agree(tmp_path):
-    result = python("bench.py", *TINY, "--sections=train,decode,tokenize", f"--text-file={SHAKESPEARE}",
-                    "--tokenize-copies=1")
+    result = python("bench.py", *TINY, "--sections=train,decode,tokenize,limit,time_to_loss",
+                    f"--text-file={SHAKESPEARE}", "--tokenize-copies=1", "--ttl-steps=20", "--ttl-target=5.3",
+                    "--ttl-variants=fp32-adamw,bf16-muon")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["train_eager"]["first_loss"]["ours"] == pytest.approx(report["train_eager"]["first_loss"]["hf"],
@@ -27,6 +28,11 @@ def test_bench_runs_and_its_two_models_agree(tmp_path):
     enc = tiktoken.get_encoding("r50k_base")
     assert report["tokenize"]["tokens"] == sum(len(enc.encode_ordinary(p)) + 1 for p in paragraphs)  # + eot each
     assert report["tokenize"]["prepare_tok_s"] > 0 and report["tokenize"]["ratio"] > 0
+    assert 0 < report["decode"]["bandwidth_fraction"] < 1
+    assert 0 < report["limit"]["float32"]["fraction_of_peak"] < 1.5  # a tiny model: far from the peak
+    for variant in ("fp32-adamw", "bf16-muon"):  # 20 steps of nanoGPT's config: from 5.55 to below 5.3
+        run = report["time_to_loss"][variant]
+        assert 0 < run["steps_to_target"] <= 20 and run["final_val_loss"] < 5.3
     # Offline without tiktoken's cache the tokenize section fails, and says why; the rest stands.
     offline = python("bench.py", *TINY, "--sections=decode,tokenize", f"--text-file={SHAKESPEARE}",
                      env={"TIKTOKEN_CACHE_DIR": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1",

@@ -131,3 +131,13 @@ def test_run_main_ends_faults_in_one_line(capsys, monkeypatch):
         assert exit.value.code == code and message in err and err.count("\n") == 1, err
     with pytest.raises(RuntimeError):  # anything else is a bug: its traceback is wanted
         common.run_main(failing(RuntimeError("a bug")))
+
+
+def test_the_dtype_is_chosen_by_what_the_hardware_does(monkeypatch):
+    import torch
+    cpu = torch.device("cpu")
+    assert common.pick_dtype("float16", cpu) == torch.float16
+    for has_bf16, expected in [(True, torch.bfloat16), (False, torch.float32)]:
+        monkeypatch.setattr(common, "cpu_has_bf16", lambda: has_bf16)
+        assert common.pick_dtype("auto", cpu) == expected
+    assert common.pick_dtype("auto", torch.device("mps")) == torch.float32

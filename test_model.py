@@ -181,6 +181,23 @@ def test_parameter_count_and_flops_against_hand_count():
         assert model.num_params(embeddings=False) == body
         assert model.flops_per_token(64) == 6 * (body + V * C) + 12 * L * 4 * D * 64
 
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_flops_per_token_matches_torch_flop_counter(tie):
+    """torch's FlopCounterMode over a forward and backward: on the CPU it cannot see inside the fused
+    attention kernel, so without it the count is ours minus the attention term; with the math
+    backend (attention as plain batched matmuls) it is all of ours."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = tiny_config(vocab_size=512, n_embd=128, n_head=4, n_kv_head=2, n_layer=3, tie_embeddings=tie)
+    model, (B, T) = Transformer(cfg), (4, 64)
+    idx = torch.randint(0, 512, (B, T), generator=torch.Generator().manual_seed(0))
+    ours, attention = model.flops_per_token(T) * B * T, 12 * cfg.n_layer * cfg.n_embd * T * B * T
+    for backend, expected in [(SDPBackend.FLASH_ATTENTION, ours - attention), (SDPBackend.MATH, ours)]:
+        with sdpa_kernel(backend), FlopCounterMode(display=False) as counter:
+            model(idx, idx)[1].backward()
+        assert counter.get_total_flops() == pytest.approx(expected, rel=0.01), backend
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(n_embd=30), "n_embd=30 is not divisible by n_head=4"),
     (dict(n_kv_head=3), "n_head=4 is not divisible by n_kv_head=3"),

@@ -227,3 +227,16 @@ def test_help_and_a_bad_flag_from_the_command_line(small_ckpt):
                                           for f in sample.SampleConfig.__dataclass_fields__)
     result = python("sample.py", "--ckpt", small_ckpt, "--top-k", "many")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "'many' is not a valid int" in result.stderr
+
+
+def test_decoding_keeps_fp32_where_bf16_is_not_faster(small_ckpt, monkeypatch):
+    import common
+    model = load_for_inference(small_ckpt)[0].eval()
+    cpu = torch.device("cpu")
+    assert sample.decode_dtype(model, "bfloat16", cpu) == torch.bfloat16  # asked for: no probe
+    monkeypatch.setattr(common, "cpu_has_bf16", lambda: False)
+    assert sample.decode_dtype(model, "auto", cpu) == torch.float32
+    monkeypatch.setattr(common, "cpu_has_bf16", lambda: True)
+    timings = iter([0.0, 2.0, 2.0, 5.0, 5.0, 6.0, 6.0, 9.0])  # the second round counts: fp32 1 s, bf16 3 s
+    monkeypatch.setattr(sample.time, "perf_counter", lambda: next(timings))
+    assert sample.decode_dtype(model, "auto", cpu) == torch.float32  # the tiny model decodes faster in fp32

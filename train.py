@@ -34,9 +34,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
 from common import (atomic_write, autocast, check, die, flag, gpu_peak_flops, load_checkpoint, load_tokenizer,
-                    lock, model_from_checkpoint, one_line, parse_config, parse_flags, pick_device, pick_dtype,
+                    lock, matmul_flops, model_from_checkpoint, one_line, parse_config, parse_flags, pick_device,
+                    pick_dtype,
                     run_main, save_checkpoint, setting, tokenizer_fingerprint, tokenizer_from_checkpoint)
 from model import ModelConfig, Transformer
+from muon import Muon
 
 # --- Settings -------------------------------------------------------------------------------------
 @dataclass
@@ -54,14 +56,18 @@ class TrainConfig:
     batch_tokens: int = setting(0, "tokens per optimizer step over all processes; 0 = one micro-batch each")
     max_iters: int = setting(0, "run length in optimizer steps (or give --max-tokens)")
     max_tokens: int = setting(0, "run length in tokens (or give --max-iters)")
-    # AdamW, linear warmup then cosine decay to min_lr_ratio * lr
-    lr: float = setting(1e-3, "peak learning rate")
+    # the optimizer; every learning rate follows linear warmup, then cosine decay to min_lr_ratio of its peak
+    optimizer: str = setting("adamw", "adamw, or muon: Muon for the matrices inside the blocks, AdamW for the rest")
+    lr: float = setting(1e-3, "peak learning rate (of AdamW)")
     min_lr_ratio: float = setting(0.1, "the cosine ends at lr * min_lr_ratio")
     warmup_iters: int = setting(100, "steps of linear warmup from 0 to lr")
     weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only (not norm weights)")
     beta1: float = setting(0.9, "AdamW beta1")
     beta2: float = setting(0.95, "AdamW beta2")
     grad_clip: float = setting(1.0, "clip the gradient norm to this; 0 = no clipping")
+    muon_lr: float = setting(0.02, "peak learning rate of Muon (--optimizer=muon)")
+    muon_momentum: float = setting(0.95, "Muon's momentum")
+    muon_weight_decay: float = setting(0.0, "Muon's decoupled weight decay")
     # evaluation and logging
     eval_every: int = setting(250, "steps between evaluations and checkpoints (and one at the end)")
     eval_batches: int = setting(20, "the fixed validation set: eval_batches * batch_size sequences")
@@ -84,14 +90,17 @@ class TrainConfig:
               f"--dtype={self.dtype} must be auto, float32, bfloat16 or float16")
         check(self.compile in ("auto", "true", "false"),
               f"--compile={self.compile} must be auto, true or false")
+        check(self.optimizer in ("adamw", "muon"), f"--optimizer={self.optimizer} must be adamw or muon")
         for name in ("batch_size", "eval_every", "eval_batches", "log_every"):
             check(getattr(self, name) > 0, f"{flag(name)}={getattr(self, name)} must be positive")
         for name in ("seed", "lr", "batch_tokens", "max_iters", "max_tokens", "warmup_iters", "weight_decay",
-                     "grad_clip", "sample_tokens", "hellaswag_every", "hellaswag_items", "peak_flops"):
+                     "grad_clip", "sample_tokens", "hellaswag_every", "hellaswag_items", "peak_flops", "muon_lr",
+                     "muon_weight_decay"):
             check(getattr(self, name) >= 0, f"{flag(name)}={getattr(self, name)} must not be negative")
-        check(0 <= self.min_lr_ratio <= 1 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
-              f"need 0 <= min_lr_ratio <= 1 and 0 <= beta < 1; got --min-lr-ratio={self.min_lr_ratio} "
-              f"--beta1={self.beta1} --beta2={self.beta2}")
+        check(0 <= self.min_lr_ratio <= 1 and 0 <= min(self.beta1, self.beta2, self.muon_momentum) and
+              max(self.beta1, self.beta2, self.muon_momentum) < 1, "need 0 <= min_lr_ratio <= 1 and 0 <= beta "
+              f"< 1; got --min-lr-ratio={self.min_lr_ratio} --beta1={self.beta1} --beta2={self.beta2} "
+              f"--muon-momentum={self.muon_momentum}")
         check(self.eval_only or (self.max_iters > 0) != (self.max_tokens > 0), "give exactly one of "
               f"--max-iters and --max-tokens (got {self.max_iters} and {self.max_tokens})")
         check(not self.eval_only or self.ckpt, "--eval-only needs --ckpt=PATH")
@@ -113,10 +122,13 @@ MODEL_HELP = {  # --help for ModelConfig's fields (model.py says the same in com
 # Named groups of settings (TrainConfig and ModelConfig fields). The model's vocab_size defaults
 # to the data's vocabulary rounded up to a multiple of 64, so any tokenizer fits any preset.
 PRESETS = {
-    # Tiny Shakespeare on a laptop CPU: 1.27M parameters with the 4096 BPE, about 2 minutes.
+    # Tiny Shakespeare on a laptop CPU: 1.27M parameters with the 4096 BPE, under a minute. Muon for
+    # the blocks (AdamW at 1e-2 for the embedding and norms) reaches val 4.44 in 250 steps; AdamW alone
+    # needed 600 at its best lr, 2e-3 (bench.py --sections=time_to_loss --ttl-run=demo).
     "shakespeare_cpu": dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=128, multiple_of=32, max_seq_len=128,
-                            batch_size=16, max_iters=600, lr=2e-3, warmup_iters=50, eval_every=100,
-                            eval_batches=10, tie_embeddings=True, device="cpu"),
+                            batch_size=16, max_iters=250, optimizer="muon", muon_lr=0.03, muon_momentum=0.9,
+                            lr=1e-2, warmup_iters=25, eval_every=125, eval_batches=10, tie_embeddings=True,
+                            device="cpu"),
     # lilLM (39M): vocab 8192, d512, 12 layers, 16 query / 8 kv heads, seq 512, tied embeddings.
     "lillm_39m": dict(vocab_size=8192, n_layer=12, n_head=16, n_kv_head=8, n_embd=512, multiple_of=64,
                       max_seq_len=512, tie_embeddings=True, batch_size=64, batch_tokens=262144,
@@ -139,12 +151,13 @@ PRESETS_HELP = "presets (without --preset, shakespeare_cpu applies; its values r
                              initial_indent=f"  {name}: ", subsequent_indent="      ")
               for name, p in PRESETS.items())
 
-def lr_at(step, cfg, max_iters):
-    """Linear warmup over warmup_iters steps, then a cosine from lr down to min_lr_ratio * lr at max_iters."""
+def lr_factor(step, cfg, max_iters):
+    """The learning rates' fraction of their peak at step: a linear warmup over warmup_iters steps,
+    then a cosine from 1 down to min_lr_ratio at max_iters."""
     if step < cfg.warmup_iters:
-        return cfg.lr * (step + 1) / cfg.warmup_iters
+        return (step + 1) / cfg.warmup_iters
     progress = min(1.0, (step - cfg.warmup_iters) / max(1, max_iters - cfg.warmup_iters))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 # --- Data -----------------------------------------------------------------------------------------
 def load_meta(folder):
@@ -274,9 +287,11 @@ def resolve_settings(given):
     ckpt, settings = None, {**preset, **given}
     if ckpt_path:
         ckpt = load_checkpoint(ckpt_path)
-        changed = [k for k, v in ckpt["model_config"].items() if k in given and given[k] != v]
+        # the model, and the optimizer whose state it saved, are what they were
+        fixed = {**ckpt["model_config"], "optimizer": ckpt["train_config"].get("optimizer", "adamw")}
+        changed = [k for k, v in fixed.items() if k in given and given[k] != v]
         if changed:
-            die(f"cannot change model settings {changed} of {ckpt_path}; drop them")
+            die(f"cannot change {', '.join(flag(k) for k in changed)} of {ckpt_path}; drop them")
         unknown = set(ckpt["train_config"]) - {f.name for f in fields(TrainConfig)}
         if unknown:
             die(f"{ckpt_path} has settings this train.py does not know ({', '.join(sorted(unknown))}); "
@@ -366,7 +381,9 @@ def start(rt, cfg):
     # bf16 needs no loss scaling; fp16's narrow range does: the scaler multiplies the loss up
     # before backward and skips the steps whose gradients overflowed.
     rt.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
-    torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
+    # TF32 for fp32 matmuls on Ampere and later GPUs. Not "medium" on CPUs: it moves fp32 matmuls to
+    # oneDNN, which trained 0.77x as fast at d128 and 1.02x at d512 here (2-core EPYC, measured).
+    torch.set_float32_matmul_precision("high")
     rt.compile = cfg.compile == "true" or (cfg.compile == "auto" and rt.device.type == "cuda")
 
 def stop_processes(rt):
@@ -377,13 +394,24 @@ def stop_processes(rt):
         dist.barrier()
         dist.destroy_process_group()
 
-def build_optimizer(model, cfg, device):
-    """AdamW; weight decay on the matrices, not on norm weights; fused kernels on CUDA."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+def build_optimizers(model, cfg, rt):
+    """[AdamW] or [Muon, AdamW]. Muon takes the 2-D matrices inside the blocks; AdamW takes the rest
+    (with Muon: the embedding, an untied output head and the norm weights), with weight decay on
+    matrices, not on norm weights."""
+    params = dict(model.named_parameters())  # a tied matrix once, as embed_tokens.weight
+    muon = [n for n, p in params.items() if cfg.optimizer == "muon" and n.startswith("layers.") and p.dim() == 2]
+    decay = [p for n, p in params.items() if n not in muon and p.dim() >= 2]
+    no_decay = [p for n, p in params.items() if n not in muon and p.dim() < 2]
+    # fused: one kernel for the whole update of all tensors, on CUDA and on CPUs (2.5x faster here)
+    adamw = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                               {"params": no_decay, "weight_decay": 0.0}],
+                              lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=rt.device.type in ("cuda", "cpu"))
+    if not muon:
+        return [adamw]
+    # Newton-Schulz in bf16 where bf16 matmuls are fast (GPUs, CPUs that train in bf16), else in fp32
+    ns_dtype = torch.bfloat16 if rt.device.type == "cuda" or rt.dtype == torch.bfloat16 else torch.float32
+    return [Muon([params[n] for n in muon], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                 weight_decay=cfg.muon_weight_decay, ns_dtype=ns_dtype), adamw]
 
 class RunLog:
     """What the run reports: lines on the console and records in log.jsonl (and wandb), rank 0 only."""
@@ -445,6 +473,10 @@ def plot_losses(log_path, png_path):
     plt.savefig(png_path, dpi=100, bbox_inches="tight")
     plt.close()
 
+def perplexity(loss):
+    return math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past 709
+
+
 def minutes(seconds):
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
@@ -462,10 +494,12 @@ def rng_state(rt):
     return {"torch": torch.get_rng_state(),
             "cuda": [torch.cuda.get_rng_state(rt.device)] if rt.device.type == "cuda" else []}
 
-def restore(ckpt, model, optimizer, rt):
-    """Put back what ckpt saved (weights, optimizer, scaler, rank 0's RNG) -> (step, tokens, best val)."""
+def restore(ckpt, model, optimizers, rt):
+    """Put back what ckpt saved (weights, optimizers, scaler, rank 0's RNG) -> (step, tokens, best val)."""
     model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    states = ckpt["optimizer"] if isinstance(ckpt["optimizer"], list) else [ckpt["optimizer"]]  # older: one
+    for optimizer, state in zip(optimizers, states, strict=True):
+        optimizer.load_state_dict(state)
     rt.scaler.load_state_dict(ckpt["scaler"])
     if rt.master:
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -483,7 +517,7 @@ def evaluate_only(cfg, model, ckpt, meta, rt):
     if meta is not None:
         val = TokenWindows(cfg.data, meta, "val", model.config.max_seq_len)
         record["val_loss"] = evaluate_loss(model, val, cfg, rt)
-        record["val_ppl"] = math.exp(record["val_loss"])
+        record["val_ppl"] = perplexity(record["val_loss"])
     T = model.config.max_seq_len
     record |= hellaswag.evaluate(model, enc, items, rt.device, rt.amp, T, rt.rank, rt.world)
     log = RunLog(os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "log.jsonl"), rt.master)
@@ -522,7 +556,7 @@ def print_summary(log, cfg, paths, code, why, step, start_step, seconds, best_va
                   f"python train.py --resume --out-dir={cfg.out_dir}")
     else:
         log.print(f"done: {step - start_step} steps in {minutes(seconds)}; best val loss {best_val:.4f} "
-                  f"(ppl {math.exp(best_val):.2f}) in {paths['best.pt']}\n"
+                  f"(ppl {perplexity(best_val):.2f}) in {paths['best.pt']}\n"
                   f"  sample:   python sample.py --ckpt {paths['best.pt']} --prompt \"...\"\n"
                   f"  go on:    python train.py --resume --out-dir={cfg.out_dir} --max-iters=N"
                   f"  (N > {step})\n"
@@ -556,8 +590,8 @@ def main(argv):
     if cfg.eval_only:
         evaluate_only(cfg, compiled, ckpt, meta, rt)
         return stop_processes(rt)
-    optimizer = build_optimizer(raw_model, cfg, rt.device)
-    step, tokens_seen, best_val = restore(ckpt, raw_model, optimizer, rt) if ckpt else (0, 0, math.inf)
+    optimizers = build_optimizers(raw_model, cfg, rt)
+    step, tokens_seen, best_val = restore(ckpt, raw_model, optimizers, rt) if ckpt else (0, 0, math.inf)
     # Dropout draws from torch's global generator, per rank; rank 0's state is restored exactly.
     if not (ckpt and rt.master):
         torch.manual_seed(cfg.seed + rt.rank + 7919 * step)
@@ -576,7 +610,9 @@ def main(argv):
         with atomic_write(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump({"train": asdict(cfg), "model": asdict(model_cfg)}, f, indent=2)
     print_plan(log, cfg, raw_model, rt, train, val, tokenizer, step, max_iters, batch_tokens, accum)
-    flops_per_token, peak = raw_model.flops_per_token(T), cfg.peak_flops or gpu_peak_flops(rt.device)
+    # MFU: against the GPU's datasheet peak, or on a CPU against this CPU's measured matmul peak
+    peak = cfg.peak_flops or gpu_peak_flops(rt.device) or (rt.device.type == "cpu" and matmul_flops(rt.device, rt.dtype))
+    flops_per_token = raw_model.flops_per_token(T)
     stop = StopSignal()  # from here on, SIGTERM and Ctrl-C end the run cleanly at the next step
 
     # --- The loop: evaluate and save when due, then one optimizer step
@@ -595,7 +631,7 @@ def main(argv):
                 exit_code, why = 1, f"validation loss is {val_loss}"
                 break
             record = {"step": step, "tokens": tokens_seen, "val_loss": val_loss,
-                      "val_ppl": math.exp(val_loss)}
+                      "val_ppl": perplexity(val_loss), "elapsed": time.time() - t_start}
             if items and (last_step or step % cfg.hellaswag_every == 0):
                 record |= hellaswag.evaluate(compiled, enc, items, rt.device, rt.amp, T, rt.rank, rt.world)
             log.print(f"eval step {step} | val loss {val_loss:.4f} | ppl {record['val_ppl']:.2f}" +
@@ -608,7 +644,7 @@ def main(argv):
             improved = evaluate and val_loss < best_val
             best_val = val_loss if improved else best_val
             save_checkpoint(paths["ckpt.pt"], raw_model, tokenizer, meta["eot_id"],
-                            train_config=asdict(cfg), optimizer=optimizer.state_dict(),
+                            train_config=asdict(cfg), optimizer=[opt.state_dict() for opt in optimizers],
                             scaler=rt.scaler.state_dict(), rng=rng_state(rt), step=step,
                             tokens_seen=tokens_seen, best_val_loss=best_val)
             if improved:  # best.pt: the same bytes, written atomically too
@@ -620,9 +656,11 @@ def main(argv):
 
         # One optimizer step: accum micro-batches on each of world processes. The step's global
         # batch is rows [step * rows_per_step, ...) of the epoch order; rank r takes its r-th slice.
-        lr = lr_at(step, cfg, max_iters)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        factor = lr_factor(step, cfg, max_iters)
+        for optimizer in optimizers:  # from the settings, every step: a resumed run may change them
+            for group in optimizer.param_groups:
+                group["lr"] = (cfg.muon_lr if isinstance(optimizer, Muon) else cfg.lr) * factor
+        lr = cfg.lr * factor  # AdamW's, for the log
         loss_sum = torch.zeros((), device=rt.device)  # summed on the device: no sync per micro-step
         for micro in range(accum):
             first = step * (batch_tokens // T) + (rt.rank * accum + micro) * cfg.batch_size
@@ -634,7 +672,8 @@ def main(argv):
                     _, loss = model(x, y)
                 rt.scaler.scale(loss / accum).backward()  # / accum: the step's gradient is the mean
             loss_sum += loss.detach()
-        rt.scaler.unscale_(optimizer)  # clipping must see the true gradients, not scaled ones
+        for optimizer in optimizers:
+            rt.scaler.unscale_(optimizer)  # clipping must see the true gradients, not scaled ones
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
         # One small all-reduce a step: the mean loss, a non-finite loss anywhere, a stop request
         # anywhere. Every rank then takes the same decision, so none waits for a rank that left.
@@ -647,9 +686,10 @@ def main(argv):
         if nonfinite:  # before the update: the weights (and ckpt.pt) stay the last good ones
             exit_code, why = 1, f"loss is {mean_loss}"
             break
-        rt.scaler.step(optimizer)
+        for optimizer in optimizers:
+            rt.scaler.step(optimizer)
         rt.scaler.update()
-        optimizer.zero_grad(set_to_none=True)  # None, not zeros: the next backward writes, not adds
+        raw_model.zero_grad(set_to_none=True)  # None, not zeros: the next backward writes, not adds
         step += 1
         tokens_seen += batch_tokens
 
