@@ -1,21 +1,25 @@
 """
-Speed of our model against Hugging Face's LlamaForCausalLM on this machine; prints one JSON object.
+Speed of our model against Hugging Face's LlamaForCausalLM on this machine, and against the
+machine's own limit; prints one JSON object.
 
-    python bench.py                                  # 10.5M params, B=4, T=256, fp32 (~1 min, 2 cores)
-    python bench.py --compile                   # adds torch.compile'd training (both models)
+    python bench.py                                  # 10.5M params, B=4, T=256, fp32 (~2 min, 2 cores)
+    python bench.py --compile                        # adds torch.compile'd training (both models)
     python bench.py --sections=decode --decode-new-tokens=512
-    TIKTOKEN_CACHE_DIR=../shared/tiktoken_cache python bench.py --sections=tokenize \
-        --text-file=../shared/data/tinyshakespeare.txt
-    python bench.py --device=cuda --dtype=bfloat16 --n-layer=12 --n-embd=768 --n-head=12 \
-        --n-kv-head=12 --vocab-size=50304 --batch-size=16 --seq-len=1024 --compile
+    python bench.py --sections=limit --n-embd=512 --n-head=8 --n-kv-head=8 --batch-size=8
+    python bench.py --sections=time_to_loss --ttl-run=demo --text-file=../shared/data/tinyshakespeare.txt
+    python bench.py --device=cuda --dtype=bfloat16 --n-layer=12 --n-embd=768 --n-head=12 --compile
 
 Sections: train (forward + backward + AdamW step: tokens/s; MFU and peak memory on GPUs), decode
-(greedy tokens/s: our KV cache vs HF generate vs our model without a cache) and tokenize
-(prepare.py vs plain tiktoken). Both models get the same weights (model.to_hf), batch, dtype,
-threads and optimizer settings, and HF uses attn_implementation="sdpa". Timed runs alternate ours,
-theirs, ours, theirs, ... after warm-up, so a busy machine slows both alike; each row is the
-median of `repeats` runs with its spread [min, max], the ratio ours / theirs of the medians, and
-ratio_paired [min, median, max] over neighbouring runs. Progress goes to stderr, JSON to stdout.
+(greedy tokens/s: our KV cache vs HF generate vs our model without a cache; the share of the read
+bandwidth it streams weights at), tokenize (prepare.py vs plain tiktoken; needs --text-file and
+GPT-2's ranks, TIKTOKEN_CACHE_DIR offline), limit (peak matmul FLOP/s in fp32 and bf16 and the
+training step's share of it) and time_to_loss (steps and seconds to a validation loss for fp32
+AdamW, bf16 AdamW and bf16 Muon, trained by train.py in turn). Both models get the same weights
+(model.to_hf), batch, dtype, threads and optimizer settings, and HF uses attn_implementation="sdpa".
+Timed runs alternate ours, theirs, ours, theirs, ... after warm-up, so a busy machine slows both
+alike; each row is the median of `repeats` runs with its spread [min, max], the ratio ours / theirs
+of the medians, and ratio_paired [min, median, max] over neighbouring runs. Progress goes to stderr,
+JSON to stdout.
 
 The default model has 10.5M parameters counting the token embedding and the untied lm_head
 (6.3M without them): vocab 8192 keeps the embeddings a realistic share of a small model instead
@@ -52,7 +56,6 @@ TTL_RUNS = {  # name: (train.py flags, more flags per optimizer, prepare.py flag
              {"adamw": ["--max-iters=600", "--lr=2e-3", "--warmup-iters=50"], "muon": []},
              ["--preset", "shakespeare"], 4.44),
 }
-
 
 @dataclass
 class BenchConfig:
@@ -278,7 +281,6 @@ def read_bandwidth(device, gigabytes=0.5):
     x.sum()  # warm-up: the pages are touched
     return x.numel() * 4 / min(timed(x.sum, device) for _ in range(3))
 
-
 # --- The limit: peak matmul FLOP/s against the training step's ------------------------------------
 def bench_limit(cfg, ours, device):
     """For fp32 and bf16 (on CPUs and GPUs that have it): the peak matmul FLOP/s measured on this
@@ -311,7 +313,6 @@ def bench_limit(cfg, ours, device):
         result[name] = {"peak_matmul_gflops": round(peak / 1e9, 1), "train_gflops": round(achieved / 1e9, 1),
                         "fraction_of_peak": round(achieved / peak, 3)}
     return result
-
 
 # --- Time to a loss: train.py itself, run by run -----------------------------------------------------
 def bench_time_to_loss(cfg):
@@ -352,7 +353,6 @@ def bench_time_to_loss(cfg):
                                "seconds_in_all": round(time.time() - t0, 1),
                                "tokens_per_s": round(speeds[len(speeds) // 2])}
     return result
-
 
 # --- Tokenization ---------------------------------------------------------------------------------
 def bench_tokenize(cfg, text):

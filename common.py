@@ -174,7 +174,6 @@ def cpu_has_bf16():
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
-
 def pick_dtype(name, device):
     """The autocast dtype by name; auto: bf16 on GPUs and CPUs that have it, fp16 on older GPUs,
     fp32 elsewhere (MPS included)."""
@@ -184,7 +183,6 @@ def pick_dtype(name, device):
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else torch.float32
-
 
 def matmul_flops(device, dtype, n=2048, repeats=3):
     """Measured peak matmul FLOP/s of device in dtype: the best of a few n x n products."""
@@ -203,7 +201,6 @@ def matmul_flops(device, dtype, n=2048, repeats=3):
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
-
 
 def autocast(device, dtype):
     """Low precision where it is safe: matmuls in dtype, weights and reductions stay fp32."""

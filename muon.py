@@ -19,7 +19,6 @@ import torch
 # [0.7, 1.2] after 5 steps rather than converging to exactly 1, which training does not need.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
-
 def orthogonalize(G, steps=5, dtype=torch.bfloat16):
     """~U V^T of each matrix G = U S V^T (its singular values pushed to about 1), by Newton-Schulz;
     G is (rows, cols) or a stack of them (n, rows, cols)."""
@@ -33,7 +32,6 @@ def orthogonalize(G, steps=5, dtype=torch.bfloat16):
         A = X @ X.mT                         # (..., rows, rows)
         X = a * X + (b * A + c * A @ A) @ X  # each singular value s -> a s + b s^3 + c s^5
     return X.mT if tall else X
-
 
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, orthogonalized, for 2-D parameters. The update is scaled by

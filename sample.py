@@ -133,7 +133,6 @@ def decode_dtype(model, name, device):
         seconds[candidate] = time.perf_counter() - t0  # the second round's: warm
     return min(seconds, key=seconds.get)
 
-
 def main(argv):
     given = parse_flags(argv, [SampleConfig], __doc__)
     cfg = parse_config(SampleConfig, given)

@@ -132,7 +132,6 @@ def test_run_main_ends_faults_in_one_line(capsys, monkeypatch):
     with pytest.raises(RuntimeError):  # anything else is a bug: its traceback is wanted
         common.run_main(failing(RuntimeError("a bug")))
 
-
 def test_the_dtype_is_chosen_by_what_the_hardware_does(monkeypatch):
     import torch
     cpu = torch.device("cpu")

@@ -181,7 +181,6 @@ def test_parameter_count_and_flops_against_hand_count():
         assert model.num_params(embeddings=False) == body
         assert model.flops_per_token(64) == 6 * (body + V * C) + 12 * L * 4 * D * 64
 
-
 @pytest.mark.parametrize("tie", [False, True])
 def test_flops_per_token_matches_torch_flop_counter(tie):
     """torch's FlopCounterMode over a forward and backward: on the CPU it cannot see inside the fused

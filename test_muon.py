@@ -10,7 +10,6 @@ import torch
 
 from muon import NS_COEFFICIENTS, Muon, orthogonalize
 
-
 def reference_steps(W, grads, lr, beta, weight_decay):
     """Muon written out plainly in float64: Nesterov momentum, 5 Newton-Schulz steps, scaled step."""
     a, b, c = NS_COEFFICIENTS
@@ -28,7 +27,6 @@ def reference_steps(W, grads, lr, beta, weight_decay):
         W = W * (1 - lr * weight_decay) - lr * math.sqrt(max(1, W.size(0) / W.size(1))) * X
     return W
 
-
 @pytest.mark.parametrize("shape", [(8, 8), (12, 5), (5, 12)], ids=["square", "tall", "wide"])
 def test_muon_steps_equal_the_plain_reference(shape):
     g = torch.Generator().manual_seed(0)
@@ -41,7 +39,6 @@ def test_muon_steps_equal_the_plain_reference(shape):
         opt.step()
     expected = reference_steps(W0, grads, lr=0.05, beta=0.9, weight_decay=0.1)
     assert (W.detach() - expected).abs().max().item() < 1e-10
-
 
 def test_orthogonalize_maps_each_singular_value_by_the_quintic():
     """X -> a X + b (X X^T) X + c (X X^T)^2 X keeps the singular vectors of G and sends each singular
@@ -62,7 +59,6 @@ def test_orthogonalize_maps_each_singular_value_by_the_quintic():
         assert (bf16 - expected).norm() / expected.norm() < 0.05
     s = quintic5(torch.linspace(0.02, 1, 1000, dtype=torch.float64))
     assert s.min() > 0.55 and s.max() < 1.25  # what the coefficients promise: about 1, not exactly
-
 
 def test_muon_refuses_what_is_not_a_matrix():
     v = torch.nn.Parameter(torch.ones(4))

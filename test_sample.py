@@ -228,7 +228,6 @@ def test_help_and_a_bad_flag_from_the_command_line(small_ckpt):
     result = python("sample.py", "--ckpt", small_ckpt, "--top-k", "many")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "'many' is not a valid int" in result.stderr
 
-
 def test_decoding_keeps_fp32_where_bf16_is_not_faster(small_ckpt, monkeypatch):
     import common
     model = load_for_inference(small_ckpt)[0].eval()

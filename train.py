@@ -35,8 +35,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import hellaswag
 from common import (atomic_write, autocast, check, die, flag, gpu_peak_flops, load_checkpoint, load_tokenizer,
                     lock, matmul_flops, model_from_checkpoint, one_line, parse_config, parse_flags, pick_device,
-                    pick_dtype,
-                    run_main, save_checkpoint, setting, tokenizer_fingerprint, tokenizer_from_checkpoint)
+                    pick_dtype, run_main, save_checkpoint, setting, tokenizer_fingerprint,
+                    tokenizer_from_checkpoint)
 from model import ModelConfig, Transformer
 from muon import Muon
 
@@ -355,6 +355,7 @@ class Runtime:
     amp: object = None      # the autocast context
     scaler: object = None   # fp16's GradScaler (a no-op otherwise)
     compile: bool = False
+    peak_flops: float = 0.0  # per device, for MFU; 0 = unknown
 
     @property
     def master(self):
@@ -384,7 +385,11 @@ def start(rt, cfg):
     # TF32 for fp32 matmuls on Ampere and later GPUs. Not "medium" on CPUs: it moves fp32 matmuls to
     # oneDNN, which trained 0.77x as fast at d128 and 1.02x at d512 here (2-core EPYC, measured).
     torch.set_float32_matmul_precision("high")
+    # torch.compile on a CPU: +53% tokens/s on the demo, but ~30 s to compile, more than it saves there
     rt.compile = cfg.compile == "true" or (cfg.compile == "auto" and rt.device.type == "cuda")
+    # MFU against the GPU's datasheet peak, or on a CPU against its matmul peak, measured (~0.2 s)
+    rt.peak_flops = cfg.peak_flops or gpu_peak_flops(rt.device) or (
+        matmul_flops(rt.device, rt.dtype) if rt.device.type == "cpu" else 0.0)
 
 def stop_processes(rt):
     # The barrier lets every rank finish its last collective before any rank tears down; then the
@@ -414,10 +419,14 @@ def build_optimizers(model, cfg, rt):
                  weight_decay=cfg.muon_weight_decay, ns_dtype=ns_dtype), adamw]
 
 class RunLog:
-    """What the run reports: lines on the console and records in log.jsonl (and wandb), rank 0 only."""
+    """What the run reports, rank 0 only: lines on the console, records in log.jsonl (and wandb),
+    and for a training run its resolved settings in config.json (the checkpoint holds its own copy)."""
 
-    def __init__(self, path, master, cfg=None, config=None):
+    def __init__(self, path, master, cfg=None, model_cfg=None):
         self.path, self.master, self.wandb = path, master, None
+        if master and cfg is not None:
+            with atomic_write(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+                json.dump({"train": asdict(cfg), "model": asdict(model_cfg)}, f, indent=2)
         if master and cfg is not None and cfg.wandb:
             try:
                 import wandb
@@ -425,7 +434,7 @@ class RunLog:
                 die("--wandb needs the wandb package: pip install wandb")
             self.wandb = wandb
             name = os.path.basename(os.path.abspath(cfg.out_dir))
-            wandb.init(project=cfg.wandb_project, name=name, config=config)
+            wandb.init(project=cfg.wandb_project, name=name, config={**asdict(cfg), **asdict(model_cfg)})
 
     def print(self, *args, **kwargs):
         if self.master:
@@ -475,7 +484,6 @@ def plot_losses(log_path, png_path):
 
 def perplexity(loss):
     return math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past 709
-
 
 def minutes(seconds):
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
@@ -605,20 +613,15 @@ def main(argv):
         if cfg.hellaswag_every else None  # loaded (and checked) now, not after hours of training
     paths = {name: os.path.join(cfg.out_dir, name)
              for name in ("ckpt.pt", "best.pt", "log.jsonl", "loss.png")}
-    log = RunLog(paths["log.jsonl"], rt.master, cfg, config={**asdict(cfg), **asdict(model_cfg)})
-    if rt.master:  # the resolved settings, for people (the checkpoint holds its own copy)
-        with atomic_write(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump({"train": asdict(cfg), "model": asdict(model_cfg)}, f, indent=2)
+    log = RunLog(paths["log.jsonl"], rt.master, cfg, model_cfg)
     print_plan(log, cfg, raw_model, rt, train, val, tokenizer, step, max_iters, batch_tokens, accum)
-    # MFU: against the GPU's datasheet peak, or on a CPU against this CPU's measured matmul peak
-    peak = cfg.peak_flops or gpu_peak_flops(rt.device) or (rt.device.type == "cpu" and matmul_flops(rt.device, rt.dtype))
     flops_per_token = raw_model.flops_per_token(T)
     stop = StopSignal()  # from here on, SIGTERM and Ctrl-C end the run cleanly at the next step
 
     # --- The loop: evaluate and save when due, then one optimizer step
     start_step, stopped, exit_code, why = step, False, 0, ""
     t_start = t_log = time.time()
-    tokens_at_log = tokens_seen
+    tokens_at_log, pace_from = tokens_seen, None  # pace_from: (time, step) of the first log line
     while True:
         last_step = step == max_iters
         # Evaluate at step 0 (the baseline), every eval_every steps and at the end; a resumed run
@@ -696,9 +699,13 @@ def main(argv):
         if step % cfg.log_every == 0 or step == max_iters:
             now = time.time()
             tok_s = (tokens_seen - tokens_at_log) / (now - t_log)
-            # The ETA from the pace since the start, evaluations included: steadier than one window's.
-            eta = (now - t_start) / (step - start_step) * (max_iters - step)
-            mfu = flops_per_token * tok_s / rt.world / peak if peak else None
+            # The ETA from the pace since the first log line, evaluations included: steadier than one
+            # window's, and past compiling and warm-up, which only the first window holds.
+            if pace_from is None:
+                pace_from, eta = (now, step), (now - t_start) / (step - start_step) * (max_iters - step)
+            else:
+                eta = (now - pace_from[0]) / (step - pace_from[1]) * (max_iters - step)
+            mfu = flops_per_token * tok_s / rt.world / rt.peak_flops if rt.peak_flops else None
             log.print(f"step {step}/{max_iters} | loss {mean_loss:.4f} | lr {lr:.2e} | "
                       f"grad norm {grad_norm:.3f} | {tok_s:,.0f} tok/s" +
                       (f" | MFU {mfu:.1%}" if mfu is not None else "") + f" | ETA {minutes(eta)}")
