@@ -301,3 +301,21 @@ def test_lr_schedule_and_epoch_order():
     epoch0, epoch1 = [order(g) for g in range(50)], [order(g) for g in range(50, 100)]
     assert sorted(epoch0) == sorted(epoch1) == list(range(50)) and epoch0 != epoch1
     assert [train_py.EpochOrder(50, seed=3)(g) for g in range(50)] == epoch0
+
+def test_the_runtime_picks_precision_compile_and_the_mfu_peak(monkeypatch):
+    import common
+    before = torch.get_float32_matmul_precision()
+    try:
+        for has_bf16, dtype in [(True, torch.bfloat16), (False, torch.float32)]:
+            monkeypatch.setattr(common, "cpu_has_bf16", lambda: has_bf16)
+            rt = train_py.Runtime(ddp=False, rank=0, local_rank=0, world=1)
+            train_py.start(rt, train_py.TrainConfig(device="cpu", dtype="auto", compile="auto", max_iters=1))
+            # "high", not "medium": on CPUs "medium" hands fp32 matmuls to oneDNN, slower here
+            assert (rt.dtype, rt.compile, torch.get_float32_matmul_precision()) == (dtype, False, "high")
+            assert rt.peak_flops > 1e8  # measured: this CPU's matmul peak in rt.dtype
+        rt = train_py.Runtime(ddp=False, rank=0, local_rank=0, world=1)
+        train_py.start(rt, train_py.TrainConfig(device="cpu", dtype="float32", compile="true", peak_flops=5e9,
+                                                max_iters=1))
+        assert (rt.dtype, rt.compile, rt.peak_flops) == (torch.float32, True, 5e9)
+    finally:
+        torch.set_float32_matmul_precision(before)
