@@ -206,6 +206,7 @@ def test_bad_settings_are_one_line_errors(byte_data, tmp_path, capsys):
         err = refused(capsys, *tiny, *extra)
         assert all(f in err for f in fragments), (extra, err)
     assert "meta.json" in refused(capsys, f"--data={tmp_path / 'nowhere'}", x, "--max-iters=1")
+    assert "is a file" in refused(capsys, f"--data={byte_data / 'meta.json'}", x, "--max-iters=1")
     assert "ckpt.pt not found" in refused(capsys, data, f"--out-dir={tmp_path / 'none'}", "--resume", "--max-iters=1")
 
 def damaged_copy(byte_data, folder, edit_meta=None, edit_files=None):

@@ -163,6 +163,8 @@ def lr_factor(step, cfg, max_iters):
 def load_meta(folder):
     """meta.json of a prepare.py folder, every field train.py uses checked, and the shards' sizes."""
     path = os.path.join(folder, "meta.json")
+    if os.path.isfile(folder):
+        die(f"--data={folder} is a file; give the folder prepare.py wrote (python prepare.py --out FOLDER)")
     if not os.path.isfile(path):
         die(f"no {path}; write the data with prepare.py first (python prepare.py --out {folder})")
     try:
