@@ -223,10 +223,16 @@ def gpu_peak_flops(device):
 # --- Tokenizers: a tiktoken encoding by name, or BPE ranks in tiktoken's file format --------------
 def load_tokenizer(spec, folder=None):
     """The tiktoken.Encoding of a tokenizer spec (meta.json's "tokenizer"): {"kind": "tiktoken",
-    "name"}, or {"kind": "bpe", "name", "pat_str", "special_tokens"} with the ranks file's text in
-    "ranks" (as checkpoints carry it) or its name in "ranks_file" (read from folder)."""
-    if spec["kind"] == "tiktoken":
-        return tiktoken.get_encoding(spec["name"])
+    "name"} (plus "special_tokens" to add, if any), or {"kind": "bpe", "name", "pat_str",
+    "special_tokens"} with the ranks file's text in "ranks" (as checkpoints carry it) or its name in
+    "ranks_file" (read from folder)."""
+    if spec["kind"] == "tiktoken":  # a named encoding, with the special tokens added by chat.py if any
+        enc = tiktoken.get_encoding(spec["name"])
+        extra = spec.get("special_tokens", {})
+        if extra.items() <= enc._special_tokens.items():
+            return enc
+        return tiktoken.Encoding(spec["name"] + "-chat", pat_str=enc._pat_str,
+                                 mergeable_ranks=enc._mergeable_ranks, special_tokens={**enc._special_tokens, **extra})
     text = spec["ranks"] if "ranks" in spec else Path(folder or ".", spec["ranks_file"]).read_text()
     ranks = {base64.b64decode(token): int(rank)
              for token, rank in (line.split() for line in text.splitlines())}

@@ -90,14 +90,16 @@ def full_forward_greedy(model, ids, n, eot_id):
     return idx[0, len(ids):].tolist()
 
 # --- Scripts as a user runs them ------------------------------------------------------------------
-def run(args, timeout=300, cwd=ROOT, env=None, **kwargs):
-    """Run a command (a list of strings or paths) -> CompletedProcess with text output. It runs in a
-    session of its own: on timeout the whole group dies, torchrun's workers included."""
+def run(args, timeout=300, cwd=ROOT, env=None, input=None, **kwargs):
+    """Run a command (a list of strings or paths), with input as its stdin if given -> CompletedProcess
+    with text output. It runs in a session of its own: on timeout the whole group dies, torchrun's
+    workers included."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen([str(a) for a in args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
+                            stderr=subprocess.PIPE, stdin=subprocess.PIPE if input is not None else None,
+                            text=True, start_new_session=True, **kwargs)
     try:
-        stdout, stderr = proc.communicate(timeout=timeout)
+        stdout, stderr = proc.communicate(input, timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()

@@ -19,6 +19,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import chat
 from common import (check, die, load_for_inference, lock, parse_config, parse_flags, ranks_text, run_main,
                     setting, swap_in)
 from model import to_hf
@@ -67,9 +68,12 @@ def write_hf_tokenizer(enc, eot_id, max_seq_len, folder):
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     tok.save(os.path.join(folder, "tokenizer.json"))
     eot = enc.decode_single_token_bytes(eot_id).decode()
+    # A chat model ends its replies with <|im_end|>, and transformers' apply_chat_template renders
+    # chat.py's layout from the jinja template (our end-of-text as its bos_token).
+    chat_files = dict(eos_token=chat.TURN_END, chat_template=chat.JINJA_TEMPLATE) if chat.is_chat(enc) else {}
     # The plain fast tokenizer: LlamaTokenizerFast, chosen from config.json otherwise, prepends BOS.
     write_json(folder, "tokenizer_config.json", dict(tokenizer_class="PreTrainedTokenizerFast", bos_token=eot,
-               eos_token=eot, model_max_length=max_seq_len, clean_up_tokenization_spaces=False))
+               eos_token=eot, model_max_length=max_seq_len, clean_up_tokenization_spaces=False) | chat_files)
 
 def write_json(folder, name, obj):
     with open(os.path.join(folder, name), "w") as f:
@@ -92,7 +96,9 @@ def export_hf(model, enc, eot_id, spec, folder):
     # "torch_dtype" for transformers < 5, "dtype" for >= 5; tiktoken_spec is for sample.py --hf-dir.
     write_json(folder, "config.json", {**config, "bos_token_id": eot_id, "eos_token_id": eot_id,
                                        "torch_dtype": "float32", "dtype": "float32", "tiktoken_spec": spec})
-    write_json(folder, "generation_config.json", {"bos_token_id": eot_id, "eos_token_id": eot_id})
+    # generate() stops at any of these: end-of-text, and for a chat model the end of its turn
+    stop = [eot_id, enc.encode_single_token(chat.TURN_END)] if chat.is_chat(enc) else eot_id
+    write_json(folder, "generation_config.json", {"bos_token_id": eot_id, "eos_token_id": stop})
     write_hf_tokenizer(enc, eot_id, model.config.max_seq_len, folder)
 
 def main(argv):

@@ -34,6 +34,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+import chat
 import common
 from common import check, die, flag, one_line, setting
 
@@ -56,6 +57,11 @@ PRESETS = {  # each writes the folder that train.py's preset for the corpus read
                         out="data/fineweb_edu"),
     # 8M web pages, ~9B tokens: nanoGPT's GPT-2 reproduction corpus
     "openwebtext": dict(dataset="Skylion007/openwebtext", val_fraction=0.0005, out="data/openwebtext"),
+    # conversations made from the play for the chat demo: each speech is a user turn and the next one
+    # the assistant's reply, tokenized by data/shakespeare's BPE so that its model can be fine-tuned
+    "shakespeare_chat": dict(input=["https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"],
+                             chat=True, tokenizer="data/shakespeare", val_fraction=0.1,
+                             out="data/shakespeare_chat"),
 }
 PRESETS_HELP = "presets (values replace the defaults above; flags given win; no source given: shakespeare):\n" \
     + "\n".join(f"  {name}: " + " ".join(f"{flag(k)} {shlex.join(v if isinstance(v, list) else [str(v)])}"
@@ -72,7 +78,10 @@ class PrepareConfig:
     text_field: str = setting("text", "the field holding the text (hub datasets, .jsonl/.json/.parquet)")
     separator: str | None = setting(None, r"what separates documents in .txt files, e.g. '<|endoftext|>', '\n\n'")
     out: str | None = setting(None, "output folder; None: the preset's, else data/<corpus>-<tokenizer>")
-    tokenizer: str = setting("r50k_base", "tiktoken encoding (r50k_base is GPT-2's)")
+    tokenizer: str = setting("r50k_base", "tiktoken encoding (r50k_base is GPT-2's), or a folder written by "
+                             "prepare.py whose tokenizer to use")
+    chat: bool = setting(False, "rows are conversations (\"messages\", or \"instruction\" + \"output\"); "
+                         "render them with chat.py's template and write a loss mask; a .txt is a play")
     vocab_size: int = setting(0, "train a byte-level BPE of N >= 256 tokens, eot = N (0: use --tokenizer)")
     bpe_train_chars: int = setting(10_000_000, "train the BPE on the first this many characters of the corpus")
     dtype: str = setting("auto", "token dtype: auto (uint16 if the vocabulary fits, else uint32), uint16, uint32")
@@ -86,6 +95,7 @@ class PrepareConfig:
         if self.separator:  # a shell passes '\n' as two characters
             self.separator = self.separator.replace("\\n", "\n").replace("\\t", "\t")
         check(bool(self.dataset) != bool(self.input), "give one source: --dataset, --input or --preset")
+        check(not (self.chat and self.separator), "--chat reads conversations; drop --separator")
         check(self.vocab_size == 0 or 256 <= self.vocab_size <= 1 << 20, f"--vocab-size {self.vocab_size}: a "
               "byte-level BPE has 256 (the bytes) to 1,048,576 tokens; 0 uses --tokenizer")
         check(self.dtype in ("auto", "uint16", "uint32"), f"--dtype {self.dtype!r}: use auto, uint16 or uint32")
@@ -163,7 +173,7 @@ def dataset_rows(cfg: PrepareConfig, path: str | None = None):
     try:  # a file is streamed: no copy of it in datasets' cache
         rows = (datasets.load_dataset("parquet", data_files=[path], split="train", streaming=True) if path else
                 datasets.load_dataset(cfg.dataset, cfg.subset, split=cfg.split, streaming=cfg.streaming))
-        if rows.column_names is not None and field not in rows.column_names:  # known before reading any row
+        if not cfg.chat and rows.column_names is not None and field not in rows.column_names:  # known early
             die(f"no field {field!r} in {where}; pass --text-field, one of {rows.column_names}")
         for batch in rows.iter(batch_size=1000):
             yield from (dict(zip(batch, values)) for values in zip(*batch.values()))
@@ -242,6 +252,10 @@ def documents_of(rows, where: str, field: str, chunk_chars: int, stats: dict):
 
 def read_pieces(cfg: PrepareConfig, files: list[str], stats: dict):
     """The whole corpus as one stream of (text, starts_document), in a fixed order."""
+    if cfg.chat:  # the turns' text, for training a BPE on
+        for messages in conversations(cfg, files):
+            yield from ((m["role"] + "\n" + m["content"], True) for m in messages)
+        return
     if cfg.dataset:
         yield from documents_of(dataset_rows(cfg), cfg.dataset, cfg.text_field, cfg.chunk_chars, stats)
     for path in files:
@@ -250,6 +264,34 @@ def read_pieces(cfg: PrepareConfig, files: list[str], stats: dict):
         else:
             rows = dataset_rows(cfg, path) if path.endswith(".parquet") else read_json(path, stats)
             yield from documents_of(rows, path, cfg.text_field, cfg.chunk_chars, stats)
+
+def play_rows(path: str, stats: dict):
+    """A play as conversations: its speeches (blocks between blank lines), two at a time, the first
+    said by the user and the second answered by the assistant."""
+    with open_text(path, stats) as f:
+        speeches = [block.strip() for block in f.read().split("\n\n") if block.strip()]
+    for i in range(0, len(speeches) - 1, 2):
+        yield {"messages": [{"role": "user", "content": speeches[i]},
+                            {"role": "assistant", "content": speeches[i + 1]}]}
+
+def reused_tokenizer(folder: str):
+    """(tokenizer spec, its ranks file's text or None) of another prepare.py folder: --tokenizer FOLDER."""
+    try:
+        spec = json.loads((Path(folder) / "meta.json").read_text())["tokenizer"]
+        ranks = (Path(folder) / spec["ranks_file"]).read_text() if "ranks_file" in spec else None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        die(f"--tokenizer {folder}: no tokenizer of a folder written by prepare.py there ({one_line(e)})")
+    return spec, ranks
+
+def conversations(cfg: PrepareConfig, files: list[str]):
+    """--chat: the messages of each conversation in the corpus, checked by chat.conversation."""
+    stats = collections.Counter()
+    sources = [(f"dataset {cfg.dataset!r}", dataset_rows(cfg))] if cfg.dataset else []
+    sources += [(path, play_rows(path, stats) if path.endswith(".txt") else dataset_rows(cfg, path)
+                 if path.endswith(".parquet") else read_json(path, stats)) for path in files]
+    for where, rows in sources:
+        for i, row in enumerate(rows):
+            yield chat.conversation(row, f"{where} row {i + 1}")
 
 def bpe_sample(cfg: PrepareConfig, files: list[str]):
     """The first bpe_train_chars characters of the corpus: BPE training time must not grow with the corpus."""
@@ -305,9 +347,10 @@ def tokenize_documents(enc, pieces, dtype="uint16", num_proc=1, batch_chars=1_00
 class ShardWriter:
     """Appends one split's tokens to <split>_0000.bin, <split>_0001.bin, ... of at most shard_tokens tokens
     each; shards lists them as meta.json does, {"file", "tokens"}, and documents counts those started."""
-    def __init__(self, folder: Path, split: str, dtype: str, shard_tokens: int):
+    def __init__(self, folder: Path, split: str, dtype: str, shard_tokens: int, suffix: str = ".bin"):
         self.folder, self.split, self.shard_tokens, self.shards, self.documents, self.file = \
             folder, split, shard_tokens, [], 0, None
+        self.suffix = suffix
         self.dtype = np.dtype(dtype).newbyteorder("<")  # little-endian on any machine
 
     def write(self, ids: np.ndarray, documents: int = 0):
@@ -317,7 +360,7 @@ class ShardWriter:
         while len(ids):
             if not self.shards or self.shards[-1]["tokens"] == self.shard_tokens:
                 self.close()
-                self.shards.append({"file": f"{self.split}_{len(self.shards):04d}.bin", "tokens": 0})
+                self.shards.append({"file": f"{self.split}_{len(self.shards):04d}{self.suffix}", "tokens": 0})
                 self.file = open(self.folder / self.shards[-1]["file"], "wb")
             n = min(len(ids), self.shard_tokens - self.shards[-1]["tokens"])
             self.file.write(ids[:n])
@@ -418,7 +461,7 @@ def train_bpe(texts, vocab_size: int) -> list[bytes]:
     return tokens
 
 # --- The run --------------------------------------------------------------------------------------
-DATASET_FILE = re.compile(r"((train|val)_\d+\.bin|meta\.json|tokenizer\.tiktoken)(\.tmp)?")  # .tmp: older runs'
+DATASET_FILE = re.compile(r"((train|val)_\d+\.(bin|mask)|meta\.json|tokenizer\.tiktoken)(\.tmp)?")  # .tmp: older runs'
 
 def open_output(out: Path, settings: dict, force: bool) -> tuple[Path, Path]:
     """Lock out; check that it may be replaced -> (out with symlinks resolved, a new empty folder beside it)."""
@@ -442,22 +485,31 @@ def open_output(out: Path, settings: dict, force: bool) -> tuple[Path, Path]:
 def prepare(cfg: PrepareConfig, command: str) -> dict:
     """Write the dataset that cfg describes; its meta.json."""
     source = cfg.dataset or " ".join(cfg.input)  # (subset, split, field and separator are in settings)
-    tok_name = f"bpe{cfg.vocab_size}" if cfg.vocab_size else cfg.tokenizer
+    # the tokenizer: a BPE trained below (once the input is known to be fine), another dataset's, or
+    # a tiktoken encoding; --chat adds chat.py's two special tokens to it
+    ranks = None  # the ranks file's text of another dataset's BPE
+    if cfg.vocab_size:
+        spec = dict(kind="bpe", name=f"bpe{cfg.vocab_size}", ranks_file="tokenizer.tiktoken", pat_str=GPT2_PAT,
+                    special_tokens={EOT: cfg.vocab_size})
+    elif os.path.isdir(cfg.tokenizer):
+        spec, ranks = reused_tokenizer(cfg.tokenizer)
+    else:
+        spec = dict(kind="tiktoken", name=cfg.tokenizer)
+    try:
+        enc = None if cfg.vocab_size else common.load_tokenizer({**spec, "ranks": ranks} if ranks else spec)
+    except Exception as e:  # an unknown name, or no internet and no cache
+        die(f"cannot load tiktoken encoding {cfg.tokenizer!r}: {one_line(e)}; try r50k_base, or --vocab-size N")
+    vocab_size = enc.n_vocab if enc else cfg.vocab_size + 1
+    if cfg.chat and chat.TURN_START not in spec.get("special_tokens", {}):
+        spec["special_tokens"] = {**spec.get("special_tokens", {}), **chat.chat_tokens(vocab_size)}
+        vocab_size += 2
+        enc = enc and common.load_tokenizer({**spec, "ranks": ranks} if ranks else spec)
+    tok_name = spec["name"]
     name = cfg.dataset.split("/")[-1] if cfg.dataset else Path(cfg.input[0]).stem
     out = Path(cfg.out or f"data/{name}-{tok_name}")
     # the settings that decide the tokens: a dataset made with the same ones may be redone without --force
     skip = ("preset", "out", "num_proc", "chunk_chars", "force", "streaming")
     settings = {k: v for k, v in asdict(cfg).items() if k not in skip} | {"tokenizer": tok_name}
-
-    # the tokenizer (a BPE is trained below, once the input is known to be fine), and a dtype it fits
-    spec = (dict(kind="bpe", name=tok_name, ranks_file="tokenizer.tiktoken", pat_str=GPT2_PAT,
-                 special_tokens={EOT: cfg.vocab_size}) if cfg.vocab_size else
-            dict(kind="tiktoken", name=cfg.tokenizer))
-    try:
-        enc = None if cfg.vocab_size else common.load_tokenizer(spec)
-    except Exception as e:  # an unknown name, or no internet and no cache
-        die(f"cannot load tiktoken encoding {cfg.tokenizer!r}: {one_line(e)}; try r50k_base, or --vocab-size N")
-    vocab_size = enc.n_vocab if enc else cfg.vocab_size + 1
     dtype = cfg.dtype if cfg.dtype != "auto" else "uint16" if vocab_size <= 1 << 16 else "uint32"
     if vocab_size > 1 << (8 * np.dtype(dtype).itemsize):
         die(f"a vocabulary of {vocab_size} ids is too large for {dtype}; use --dtype auto or uint32")
@@ -466,6 +518,10 @@ def prepare(cfg: PrepareConfig, command: str) -> dict:
     t0 = shown = time.time()  # shown: when the tokenizing progress line was last printed
     try:
         files = find_files(cfg.input) if cfg.input else []
+        if ranks:  # the other dataset's BPE, copied: a dataset folder holds its own tokenizer
+            with common.atomic_write(partial / "tokenizer.tiktoken", "w") as f:
+                f.write(ranks)
+            spec["ranks_file"] = "tokenizer.tiktoken"
         if cfg.vocab_size:
             tokens = train_bpe(bpe_sample(cfg, files), cfg.vocab_size)
             with common.atomic_write(partial / "tokenizer.tiktoken", "w") as f:
@@ -476,28 +532,38 @@ def prepare(cfg: PrepareConfig, command: str) -> dict:
         # tokenize, holding out every k-th document for val
         k = round(1 / cfg.val_fraction) if cfg.val_fraction else 0
         train, val = (ShardWriter(partial, split, dtype, cfg.shard_tokens) for split in ("train", "val"))
+        masks = {split: ShardWriter(partial, split, "uint8", cfg.shard_tokens, ".mask") for split in ("train", "val")}
         stats, docs, ntok, writer = collections.Counter(), 0, 0, train
         t0 = shown = time.time()
-        for ids, new_doc in tokenize_documents(enc, read_pieces(cfg, files, stats), dtype, cfg.num_proc,
-                                               cfg.chunk_chars):
+        # (ids, starts_document, loss mask or None); conversations are few and short: tokenized right here
+        tokenized = (((np.array(ids, dtype), True, np.array(mask, np.uint8)) for ids, mask in
+                      (chat.render(enc, messages) for messages in conversations(cfg, files))) if cfg.chat else
+                     ((ids, new_doc, None) for ids, new_doc in tokenize_documents(
+                         enc, read_pieces(cfg, files, stats), dtype, cfg.num_proc, cfg.chunk_chars)))
+        for ids, new_doc, mask in tokenized:
             if new_doc:
                 writer = val if k and docs % k == k - 1 else train
                 docs += 1
             writer.write(ids, int(new_doc))
+            if mask is not None:  # 1 = a target to learn, the token at the same place in the .bin
+                masks[writer.split].write(mask)
             ntok += len(ids)
             if time.time() - shown > 0.5:
                 shown = time.time()
                 common.progress(f"{docs:,} documents | {ntok:,} tokens | {ntok / (shown - t0):,.0f} tokens/s")
         if ntok == 0:
             die(f"the corpus is empty: no text in {source}; check --input, --dataset, --text-field")
+        if k and docs < k and cfg.chat:
+            die(f"{docs} conversation(s) are too few to hold every {k}th out for val; give more, or a "
+                "larger --val-fraction")
         if k and docs < k:  # too few documents to hold any out: val is the token stream's tail
             n_val = max(1, round(cfg.val_fraction * ntok))
             move_tail(train, val, n_val, enc.eot_token)
             val_split = f"the last {n_val} tokens of the token stream: {docs} document(s) are too few to hold any out"
         else:
             val_split = f"documents i with i % {k} == {k - 1}, counting from 0" if k else "none"
-        train.close()
-        val.close()
+        for shards in (train, val, *masks.values()):
+            shards.close()
 
         meta = {
             "format": "llama-shards-v1", "tokenizer": spec,
@@ -506,6 +572,8 @@ def prepare(cfg: PrepareConfig, command: str) -> dict:
             "shards": {"train": train.shards, "val": val.shards},
             "documents": {"train": train.documents, "val": val.documents},
             "tokens": {"train": train.tokens(), "val": val.tokens()},
+            **({"loss_mask": {split: masks[split].shards for split in ("train", "val")},
+                "chat_template": "chatml"} if cfg.chat else {}),
             "val_split": val_split, "source": source, "command": command,
             **{key: stats[key] for key in ("replaced_bytes", "rows_without_text", "rows_with_empty_text")},
             "config": settings,

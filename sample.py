@@ -7,6 +7,7 @@ Generate text with a trained model, token by token as it comes.
     python sample.py --prompt-file prompt.txt --num-samples 3 --top-p 0.9 --seed 1
     python sample.py --interactive                      # type prompts (or pipe them, one per line)
     python sample.py --hf-dir hf/shakespeare --prompt "ROMEO:"     # a folder written by export.py
+    python sample.py --ckpt out/shakespeare_chat/best.pt --chat    # a conversation with a chat model
 
 A checkpoint holds all that sampling needs (config, weights, tokenizer). Generation stops at
 <|endoftext|>; a prompt longer than the context keeps its last tokens, and generation can run past
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+import chat
 from common import (autocast, check, die, load_for_inference, load_hf_folder, one_line, parse_config,
                     parse_flags, pick_device, pick_dtype, run_main, setting)
 
@@ -31,6 +33,9 @@ class SampleConfig:
     prompt: str | None = setting(None, "text to continue; none: start from end-of-text, a new document")
     prompt_file: str = setting("", "read the prompt from this file instead")
     interactive: bool = setting(False, "read prompts from the terminal (or stdin, one a line) until the end")
+    chat: bool = setting(False, "hold a conversation with a chat model (trained on prepare.py --chat data): "
+                         "each line typed (or read from stdin) is a turn")
+    system: str = setting("", "--chat: a system message to start the conversation with")
     num_samples: int = setting(1, "completions per prompt")
     max_new_tokens: int = setting(200, "tokens per completion (fewer if end-of-text comes first)")
     temperature: float = setting(0.8, "softmax temperature; 0 = greedy")
@@ -45,8 +50,9 @@ class SampleConfig:
         check(not (self.tokenizer and not self.hf_dir),
               "--tokenizer is for --hf-dir folders; a checkpoint names its own")
         check(not (self.prompt is not None and self.prompt_file), "give --prompt or --prompt-file, not both")
-        check(not (self.interactive and (self.prompt is not None or self.prompt_file)),
-              "--interactive reads its prompts; drop --prompt and --prompt-file")
+        check(not ((self.interactive or self.chat) and (self.prompt is not None or self.prompt_file)),
+              "--interactive and --chat read what you type; drop --prompt and --prompt-file")
+        check(not (self.system and not self.chat), "--system is for --chat")
         check(self.temperature >= 0, f"--temperature={self.temperature} must be >= 0 (0 = greedy)")
         check(self.top_k is None or self.top_k >= 1,
               f"--top-k={self.top_k} must be >= 1 (leave it out for all tokens)")
@@ -70,12 +76,12 @@ def read_prompt(cfg):
         die("the prompt is empty; give text to continue, or leave --prompt out to start a new document")
     return prompt or ""
 
-def typed_prompts():
+def typed_prompts(what="a prompt"):
     """Prompts typed at the terminal after "> " (or lines of stdin when it is not one)."""
     if not sys.stdin.isatty():
         yield from (line.rstrip("\n") for line in sys.stdin if line.strip())
         return
-    print("Type a prompt and press Enter; Ctrl-D quits.", file=sys.stderr)
+    print(f"Type {what} and press Enter; Ctrl-D quits.", file=sys.stderr)
     while True:
         try:
             line = input("> ")
@@ -117,6 +123,31 @@ def complete(model, enc, eot_id, prompt, cfg, generator):
             print(piece, end="", flush=True)
         print("\n" + "-" * 40, flush=True)
 
+def converse(model, enc, cfg, generator):
+    """--chat: a reply to each turn typed, streamed until the model ends its turn. The whole
+    conversation is the prompt each time; when it and a reply would not fit in the context, the
+    oldest turns go (the system message stays)."""
+    messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    stop = {enc.encode_single_token(chat.TURN_END), enc.eot_token}
+    S = model.config.max_seq_len
+    for text in typed_prompts("a message"):
+        if not sys.stdin.isatty():  # a transcript: show what was said
+            print(f"> {text}")
+        messages.append({"role": "user", "content": text})
+        ids, _ = chat.render(enc, messages, reply=True)
+        while len(ids) > S - min(cfg.max_new_tokens, S // 2) and len(messages) > 1 + bool(cfg.system):
+            del messages[bool(cfg.system)]
+            ids, _ = chat.render(enc, messages, reply=True)
+        idx = torch.tensor([ids[-S:]], device=generator.device)                         # (1, T)
+        steps = model.generate_stream(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                                      top_p=cfg.top_p, generator=generator, vocab_size=enc.n_vocab)
+        reply = []
+        for piece in decode_stream(enc, itertools.takewhile(lambda t: t not in stop, (int(t) for t in steps))):
+            print(piece, end="", flush=True)
+            reply.append(piece)
+        print(flush=True)
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
 def decode_dtype(model, name, device):
     """The autocast dtype to decode in. auto: common.pick_dtype's, except that on a CPU a one-off
     probe (8 greedy tokens each way, twice) keeps fp32 when it is faster: decoding one token at a
@@ -138,17 +169,22 @@ def main(argv):
     cfg = parse_config(SampleConfig, given)
     if cfg.hf_dir and "ckpt" in given:
         die("give --ckpt PATH or --hf-dir DIR, not both")
-    prompt = None if cfg.interactive else read_prompt(cfg)
+    prompt = None if cfg.interactive or cfg.chat else read_prompt(cfg)
     device = pick_device(cfg.device)
     if cfg.hf_dir:
         model, enc, eot_id, _ = load_hf_folder(cfg.hf_dir, cfg.tokenizer)
     else:
         model, enc, eot_id, _ = load_for_inference(cfg.ckpt)
+    if cfg.chat and not chat.is_chat(enc):
+        die(f"{cfg.hf_dir or cfg.ckpt} is not a chat model (its tokenizer has no {chat.TURN_START}); fine-tune "
+            "it on prepare.py --chat data first (README: Fine-tune into a chat model)")
     model.to(device).eval()
     if cfg.compile:  # in place, so the forward calls inside model.generate_stream are the compiled ones
         model.compile()
     generator = torch.Generator(device).manual_seed(cfg.seed)  # our own: no other code draws from it
     with autocast(device, decode_dtype(model, cfg.dtype, device)):
+        if cfg.chat:
+            return converse(model, enc, cfg, generator)
         for text in typed_prompts() if cfg.interactive else [prompt]:
             complete(model, enc, eot_id, text, cfg, generator)
 

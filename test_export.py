@@ -119,3 +119,37 @@ def test_help_and_a_bad_checkpoint_from_the_command_line(tmp_path):
     result = python("export.py", "--help")
     assert result.returncode == 0 and all(f"--{f}" in result.stdout for f in ("ckpt", "out", "force"))
     assert_user_error(python("export.py", "--ckpt", tmp_path / "none.pt"), "not found")
+
+def test_a_chat_model_exports_its_template_and_answers_in_transformers_as_in_sample_chat(tmp_path, capsys,
+                                                                                        monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    import io
+
+    import chat
+    spec = {**SMALL_BPE, "special_tokens": {**SMALL_BPE["special_tokens"], **chat.chat_tokens(SMALL_EOT + 1)}}
+    ckpt = write_checkpoint(tmp_path / "ckpt.pt", spec, SMALL_EOT, seed=5, vocab_size=SMALL_EOT + 3)
+    export_main("--ckpt", ckpt, "--out", tmp_path / "hf")
+    capsys.readouterr()
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    enc = load_tokenizer(spec)
+    system = [{"role": "system", "content": "Answer as the bard would."}]
+    turns = [{"role": role, "content": text} for role, text in [
+        ("user", "Where is the hell?"), ("assistant", " In you, and the rest."), ("user", "Then  sing!\n\nAnd then?"),
+        ("assistant", "\nthe end"), ("user", "🦙 é"), ("assistant", "th th th")]]
+    for messages in [turns[:n] for n in (1, 3, 5)] + [system + turns[:n] for n in (1, 3, 5)]:
+        want = chat.render(enc, messages, reply=True)[0]
+        got = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert list(got) == want, messages
+    for messages in [turns[:2], system + turns[:6]]:  # whole conversations, as in training data
+        got = tok.apply_chat_template(messages, tokenize=True, return_dict=False)
+        assert list(got) == chat.render(enc, messages)[0]
+    # the same reply, greedy, from transformers and from sample.py --chat
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert hf.generation_config.eos_token_id == [SMALL_EOT, SMALL_EOT + 2]
+    prompt = torch.tensor([chat.render(enc, system + turns[:1], reply=True)[0]])
+    theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=25, do_sample=False,
+                         pad_token_id=SMALL_EOT)[0, prompt.size(1):]
+    monkeypatch.setattr("sys.stdin", io.StringIO(turns[0]["content"] + "\n"))
+    out = run_main(capsys, "--ckpt", ckpt, "--chat", "--system", system[0]["content"], "--temperature", 0,
+                   "--max-new-tokens", 25).out
+    assert out == f"> {turns[0]['content']}\n" + tok.decode(theirs, skip_special_tokens=True) + "\n"

@@ -388,7 +388,10 @@ def test_presets_carry_the_folders_train_py_reads_and_flags_win():
     # data/fineweb_edu (lf_llm_269m, gpt2_small)
     outs = {name: p["out"] for name, p in prepare.PRESETS.items()}
     assert outs == {"shakespeare": "data/shakespeare", "tinystories": "data/tinystories",
-                    "fineweb-edu": "data/fineweb_edu", "openwebtext": "data/openwebtext"}
+                    "fineweb-edu": "data/fineweb_edu", "openwebtext": "data/openwebtext",
+                    "shakespeare_chat": "data/shakespeare_chat"}
+    # and the chat preset reuses the demo's tokenizer, for train.py's shakespeare_chat preset
+    assert prepare.PRESETS["shakespeare_chat"]["tokenizer"] == "data/shakespeare"
     assert prepare.PRESETS["tinystories"]["vocab_size"] + 1 == 8192
 
 @pytest.mark.parametrize("args, fragment", [

@@ -2,12 +2,13 @@
 Train a Llama-style model on the token shards written by prepare.py: one straight path from a
 laptop CPU to many GPUs on many nodes, through torch.distributed (torchrun), nothing home-made.
 
-    python train.py                                   # the CPU demo: data/shakespeare, ~2 minutes
+    python train.py                                   # the CPU demo: data/shakespeare, ~1 minute
     python train.py --preset=gpt2_small               # one GPU
     torchrun --standalone --nproc_per_node=8 train.py --preset=gpt2_small
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
         train.py --preset=gpt2_small                  # the same line on every node
     python train.py --resume                          # continue out/shakespeare exactly where it stopped
+    python train.py --preset=shakespeare_chat         # fine-tune the demo model on conversations
     python train.py --eval-only --ckpt=out/shakespeare/best.pt --hellaswag-path=hellaswag_val.jsonl
 
 Settings are the fields of TrainConfig (below) and ModelConfig (model.py) as --name=value or
@@ -50,6 +51,8 @@ class TrainConfig:
     overwrite: bool = setting(False, "start afresh in an out_dir that holds a run, replacing it")
     eval_only: bool = setting(False, "evaluate --ckpt (val loss, perplexity, HellaSwag) and exit")
     ckpt: str = setting("", "the checkpoint --eval-only reads")
+    init_from: str = setting("", "fine-tune: start from this checkpoint's weights and model settings (step 0, "
+                             "a new optimizer)")
     seed: int = setting(1337, "model init, data order and dropout all follow from it")
     # batch and length; the sequence length is the model's max_seq_len
     batch_size: int = setting(16, "sequences per micro-batch, per process")
@@ -129,6 +132,11 @@ PRESETS = {
                             batch_size=16, max_iters=250, optimizer="muon", muon_lr=0.03, muon_momentum=0.9,
                             lr=1e-2, warmup_iters=25, eval_every=125, eval_batches=10, tie_embeddings=True,
                             device="cpu"),
+    # Fine-tune the demo model into a chat model on data/shakespeare_chat (prepare.py's preset of the
+    # same name): loss on the replies only, from out/shakespeare/best.pt.
+    "shakespeare_chat": dict(init_from="out/shakespeare/best.pt", data="data/shakespeare_chat",
+                             out_dir="out/shakespeare_chat", batch_size=16, max_iters=200, optimizer="adamw",
+                             lr=1e-3, warmup_iters=20, eval_every=100, eval_batches=10, device="cpu"),
     # lilLM (39M): vocab 8192, d512, 12 layers, 16 query / 8 kv heads, seq 512, tied embeddings.
     "lillm_39m": dict(vocab_size=8192, n_layer=12, n_head=16, n_kv_head=8, n_embd=512, multiple_of=64,
                       max_seq_len=512, tie_embeddings=True, batch_size=64, batch_tokens=262144,
@@ -174,21 +182,24 @@ def load_meta(folder):
         vocab, eot, spec = meta["vocab_size"], meta["eot_id"], meta["tokenizer"]
         entries = [(split, s["file"], s["tokens"]) for split in ("train", "val")
                    for s in meta["shards"][split]]  # (split, file name, tokens) of each shard
+        masks = [(split, s["file"], s["tokens"]) for split in ("train", "val")
+                 for s in meta.get("loss_mask", {}).get(split, [])]  # one byte a token, beside each shard
+        assert not masks or [n for *_, n in masks] == [n for *_, n in entries]
         assert isinstance(vocab, int) and isinstance(eot, int) and 0 <= eot < vocab <= 256 ** itemsize
         assert isinstance(spec, dict) and spec.get("kind") in ("tiktoken", "bpe")
         assert all(isinstance(f, str) and os.path.basename(f) == f and isinstance(n, int)
-                   for _, f, n in entries)  # plain file names: meta.json cannot point outside the folder
+                   for _, f, n in entries + masks)  # plain file names: meta.json cannot point outside the folder
     except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
         die(f"{path} is damaged or not written by prepare.py ({type(e).__name__} {one_line(e)}); "
             "re-run prepare.py")
     for split in ("train", "val"):
         if not meta["shards"][split]:
             die(f"{path} lists no {split} shards; re-run prepare.py with --val-fraction > 0")
-    for split, file, n in entries:
+    for (split, file, n), size_of_one in [(e, itemsize) for e in entries] + [(m, 1) for m in masks]:
         file = os.path.join(folder, file)
         size = os.path.getsize(file) if os.path.isfile(file) else -1
-        if size != n * itemsize:
-            die(f"{file} has {size} bytes but meta.json says {n} tokens of {meta['dtype']}: the shard is "
+        if size != n * size_of_one:
+            die(f"{file} has {size} bytes but meta.json says {n} tokens of {size_of_one} byte(s): the file is "
                 "missing, truncated or corrupt; re-run prepare.py")
     return meta
 
@@ -209,11 +220,16 @@ def tokenizer_of(meta, folder):
 
 class TokenWindows:
     """The windows of seq_len + 1 tokens at stride seq_len over one split's shards (none crosses a
-    shard boundary), numbered 0..n-1. Window w gives inputs x = tokens[:-1], targets y = tokens[1:]."""
+    shard boundary), numbered 0..n-1. Window w gives inputs x = tokens[:-1], targets y = tokens[1:].
+    With a loss mask (conversations, prepare.py --chat), a target whose mask byte is 0 becomes -1:
+    the loss skips it. Documents are packed: a window may hold the end of one and the start of the
+    next, or a piece of a long one, and its mask moves with its tokens."""
 
     def __init__(self, folder, meta, split, seq_len):
         self.files = [os.path.join(folder, s["file"]) for s in meta["shards"][split]]
         self.shards = [np.memmap(f, dtype=meta["dtype"], mode="r") for f in self.files]
+        self.masks = [np.memmap(os.path.join(folder, s["file"]), dtype=np.uint8, mode="r")
+                      for s in meta.get("loss_mask", {}).get(split, [])]
         per_shard = [max(0, (len(s) - 1) // seq_len) for s in self.shards]
         self.first = np.cumsum([0] + per_shard)  # window number where each shard starts
         self.n, self.seq_len, self.vocab_size = int(self.first[-1]), seq_len, meta["vocab_size"]
@@ -222,7 +238,7 @@ class TokenWindows:
                 "use a smaller --max-seq-len")
 
     def batch(self, windows, device):
-        rows = []
+        rows, keep = [], []
         for w in windows:
             k = int(np.searchsorted(self.first, w, side="right")) - 1
             start = (int(w) - int(self.first[k])) * self.seq_len
@@ -230,11 +246,24 @@ class TokenWindows:
             if rows[-1].max() >= self.vocab_size:  # cheap, and catches corrupt shards where it matters
                 die(f"token id {int(rows[-1].max())} >= the data's vocab_size={self.vocab_size} in "
                     f"{self.files[k]}: a corrupt shard or data from another tokenizer; re-run prepare.py")
-        tokens = torch.from_numpy(np.stack(rows).astype(np.int64))                # (B, T + 1)
+            if self.masks:  # the mask bytes of the targets, tokens 1..T of the window
+                keep.append(self.masks[k][start + 1:start + self.seq_len + 1])
+        tokens = np.stack(rows).astype(np.int64)                                  # (B, T + 1)
+        xy = np.stack([tokens[:, :-1], tokens[:, 1:]])                            # (2, B, T)
+        if keep:
+            xy[1][np.stack(keep) == 0] = -1  # targets not to learn: the loss skips -1
+        xy = torch.from_numpy(xy)
         if device.type == "cuda":  # page-locked memory lets the copy run without blocking this process
-            tokens = tokens.pin_memory()
-        tokens = tokens.to(device, non_blocking=device.type == "cuda")
-        return tokens[:, :-1], tokens[:, 1:]                                      # (B, T) each
+            xy = xy.pin_memory()
+        xy = xy.to(device, non_blocking=device.type == "cuda")  # one copy to the device
+        return xy[0], xy[1]                                                       # (B, T) each
+
+def masked_loss(model, x, y):
+    """The mean loss over the targets to learn (y = -1: skip): a micro-batch with none gives 0, not
+    the 0 / 0 of cross_entropy's mean. -> (loss, number of targets)."""
+    _, loss_sum = model(x, y, reduction="sum")
+    count = (y >= 0).sum()
+    return loss_sum / count.clamp(min=1), count
 
 class EpochOrder:
     """Global sample g of the run (g = step * sequences_per_step + row) -> a window number: each
@@ -262,8 +291,8 @@ def evaluate_loss(model, windows, cfg, rt):
     for i in range(0, len(ids), cfg.batch_size):
         x, y = windows.batch(ids[i:i + cfg.batch_size], rt.device)
         with rt.amp:
-            _, loss = model(x, y)
-        total += torch.stack([loss.float() * y.numel(), torch.tensor(float(y.numel()), device=rt.device)])
+            loss, count = masked_loss(model, x, y)
+        total += torch.stack([loss.float() * count, count.float()])
     if rt.world > 1:
         dist.all_reduce(total)
     model.train()
@@ -280,8 +309,9 @@ def sample_text(model, enc, eot_id, n_tokens, seed, rt):
 
 # --- Pieces of the run ----------------------------------------------------------------------------
 def resolve_settings(given):
-    """Flags -> (TrainConfig, ModelConfig, checkpoint or None, data meta or None). Later wins:
-    field defaults < the preset < the checkpoint's own settings (resume, eval-only) < flags."""
+    """Flags -> (TrainConfig, ModelConfig, checkpoint or None, data meta or None, --init-from's
+    checkpoint or None). Later wins: field defaults < the preset < the checkpoint's own settings
+    (resume, eval-only) or the model settings of --init-from's < flags."""
     preset = PRESETS.get(given.get("preset", TrainConfig.preset), {})
     ckpt_path = given.get("ckpt") if given.get("eval_only") else None
     if given.get("resume") and not given.get("eval_only"):
@@ -299,18 +329,27 @@ def resolve_settings(given):
             die(f"{ckpt_path} has settings this train.py does not know ({', '.join(sorted(unknown))}); "
                 "use the code that wrote it")
         settings = {**ckpt["train_config"], **ckpt["model_config"], **given}
+    init = None
+    if settings.get("init_from") and ckpt is None:  # a resumed fine-tune has its weights in ckpt already
+        init = load_checkpoint(settings["init_from"])
+        # fine-tuning keeps the model; only dropout may change, and the vocabulary grow (new tokens)
+        changed = [k for k, v in init["model_config"].items()
+                   if k in given and given[k] != v and k not in ("dropout", "vocab_size")]
+        if changed:
+            die(f"cannot change {', '.join(flag(k) for k in changed)} of {settings['init_from']}; drop them")
+        settings = {**settings, **init["model_config"], **given}
     train_keys = {f.name for f in fields(TrainConfig)}
     cfg = parse_config(TrainConfig, {k: v for k, v in settings.items() if k in train_keys})
     model_settings = {k: v for k, v in settings.items() if k not in train_keys}
     need_data = not cfg.eval_only or os.path.isfile(os.path.join(cfg.data, "meta.json"))
     meta = load_meta(cfg.data) if need_data else None
-    if meta and not model_settings.get("vocab_size"):  # rounded up to a multiple of 64: faster matmuls
-        model_settings["vocab_size"] = 64 * math.ceil(meta["vocab_size"] / 64)
+    if meta and (not model_settings.get("vocab_size") or init and meta["vocab_size"] > model_settings["vocab_size"]):
+        model_settings["vocab_size"] = 64 * math.ceil(meta["vocab_size"] / 64)  # a multiple of 64: faster matmuls
     model_cfg = parse_config(ModelConfig, model_settings)
     if meta and meta["vocab_size"] > model_cfg.vocab_size:
         die(f"the data's vocabulary ({meta['vocab_size']} tokens, {cfg.data}/meta.json) does not fit the "
             f"model's vocab_size={model_cfg.vocab_size}; raise --vocab-size or re-run prepare.py")
-    return cfg, model_cfg, ckpt, meta
+    return cfg, model_cfg, ckpt, meta, init
 
 def check_out_dir(cfg, ckpt, max_iters):
     """Make this the only run writing out_dir; refuse to mix two runs there; exit early (0) when a
@@ -338,6 +377,30 @@ def check_resume(ckpt, path, enc, folder):
         if key not in ckpt:
             die(f"{path} has no {key} state, so it cannot be resumed exactly")
     check_tokenizer(ckpt, path, enc, folder)
+
+def load_pretrained(model, init, path, enc):
+    """--init-from: the checkpoint's weights into model. Rows of tokens its tokenizer lacks (chat.py's,
+    added by prepare.py --chat) start at the mean of the known tokens' rows: an average token, rather
+    than noise the model has never seen. -> what was done, for the log."""
+    base = tokenizer_from_checkpoint(init, path, math.inf)
+    same = base._pat_str == enc._pat_str and base._mergeable_ranks == enc._mergeable_ranks
+    if not same or not base._special_tokens.items() <= enc._special_tokens.items():
+        die(f"the data was tokenized with another tokenizer than {path} ({base.name}); prepare it with "
+            "that tokenizer (prepare.py --tokenizer DATA_FOLDER or NAME)")
+    new = sorted(set(enc._special_tokens.values()) - set(base._special_tokens.values()))
+    state = dict(init["model"])
+    for name in ("embed_tokens.weight", "lm_head.weight"):
+        rows = model.state_dict()[name].clone()                                     # (V, C), V may have grown
+        old = state[name]
+        rows[:len(old)] = old
+        rows[new] = old[:base.n_vocab].mean(0)
+        state[name] = rows
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        die(f"{path} does not fit this model: {one_line(e)}")
+    names = ", ".join(k for k, v in enc._special_tokens.items() if v in new)
+    return f"init    weights of {path}" + (f"; new tokens {names} start at the mean embedding" if new else "")
 
 def check_tokenizer(ckpt, path, enc, folder):
     """Refuse data whose ids mean other text than the checkpoint's tokenizer made them mean."""
@@ -534,7 +597,7 @@ def evaluate_only(cfg, model, ckpt, meta, rt):
     log.print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
     log.record(record)
 
-def print_plan(log, cfg, model, rt, train, val, tokenizer, step, max_iters, batch_tokens, accum):
+def print_plan(log, cfg, model, rt, train, val, tokenizer, step, max_iters, batch_tokens, accum, init_note):
     """What the run will do, where, and where its outputs go, before any of it is spent."""
     mc, T, n_params = model.config, model.config.max_seq_len, model.num_params()
     total = max_iters * batch_tokens
@@ -553,8 +616,10 @@ def print_plan(log, cfg, model, rt, train, val, tokenizer, step, max_iters, batc
               f"{str(rt.dtype).removeprefix('torch.')}, compile {'on' if rt.compile else 'off'}, "
               f"{rt.world} process(es) x {accum} micro-batch(es) of {cfg.batch_size} sequences")
     log.print(f"output  {cfg.out_dir}/: ckpt.pt (latest), best.pt (lowest val loss), log.jsonl, loss.png")
+    if init_note:  # --init-from
+        log.print(init_note)
 
-def print_summary(log, cfg, paths, code, why, step, start_step, seconds, best_val, stopped):
+def print_summary(log, cfg, paths, code, why, step, start_step, seconds, best_val, stopped, chat):
     """How the run ended, where its files are, and the commands that go on from there."""
     if code:
         kept = (f"{paths['ckpt.pt']} still holds the last good state" if os.path.isfile(paths["ckpt.pt"])
@@ -567,7 +632,8 @@ def print_summary(log, cfg, paths, code, why, step, start_step, seconds, best_va
     else:
         log.print(f"done: {step - start_step} steps in {minutes(seconds)}; best val loss {best_val:.4f} "
                   f"(ppl {perplexity(best_val):.2f}) in {paths['best.pt']}\n"
-                  f"  sample:   python sample.py --ckpt {paths['best.pt']} --prompt \"...\"\n"
+                  f"  sample:   python sample.py --ckpt {paths['best.pt']} " +
+                  ("--chat\n" if chat else "--prompt \"...\"\n") +
                   f"  go on:    python train.py --resume --out-dir={cfg.out_dir} --max-iters=N"
                   f"  (N > {step})\n"
                   f"  records:  {paths['log.jsonl']}" +
@@ -577,7 +643,7 @@ def print_summary(log, cfg, paths, code, why, step, start_step, seconds, best_va
 def main(argv):
     # --- Settings: field defaults < preset < the checkpoint's own (resume, eval-only) < flags given
     given = parse_flags(argv, [TrainConfig, ModelConfig], __doc__, epilog=PRESETS_HELP, helps=MODEL_HELP)
-    cfg, model_cfg, ckpt, meta = resolve_settings(given)
+    cfg, model_cfg, ckpt, meta, init = resolve_settings(given)
     rt = processes()
     T = model_cfg.max_seq_len
     batch_tokens, accum, max_iters = batch_plan(cfg, T, rt.world)
@@ -594,6 +660,7 @@ def main(argv):
     # --- Model, optimizer, data
     torch.manual_seed(cfg.seed)  # the same seed on every rank: every rank starts from the same init
     raw_model = model_from_checkpoint(ckpt, cfg.ckpt) if cfg.eval_only else Transformer(model_cfg)
+    init_note = load_pretrained(raw_model, init, cfg.init_from, enc) if init else None
     raw_model.to(rt.device)
     # Compiled or not, raw_model is what gets saved: its state dict has no "_orig_mod." prefixes.
     compiled = torch.compile(raw_model) if rt.compile else raw_model
@@ -613,10 +680,9 @@ def main(argv):
     order = EpochOrder(train.n, cfg.seed)
     items = hellaswag.get_items(cfg.hellaswag_path, cfg.hellaswag_items, rt.rank, rt.world) \
         if cfg.hellaswag_every else None  # loaded (and checked) now, not after hours of training
-    paths = {name: os.path.join(cfg.out_dir, name)
-             for name in ("ckpt.pt", "best.pt", "log.jsonl", "loss.png")}
+    paths = {name: os.path.join(cfg.out_dir, name) for name in ("ckpt.pt", "best.pt", "log.jsonl", "loss.png")}
     log = RunLog(paths["log.jsonl"], rt.master, cfg, model_cfg)
-    print_plan(log, cfg, raw_model, rt, train, val, tokenizer, step, max_iters, batch_tokens, accum)
+    print_plan(log, cfg, raw_model, rt, train, val, tokenizer, step, max_iters, batch_tokens, accum, init_note)
     flops_per_token = raw_model.flops_per_token(T)
     stop = StopSignal()  # from here on, SIGTERM and Ctrl-C end the run cleanly at the next step
 
@@ -674,7 +740,7 @@ def main(argv):
             # micro-step of an optimizer step needs it.
             with model.no_sync() if rt.ddp and micro < accum - 1 else nullcontext():
                 with rt.amp:  # the forward and the loss in low precision; the backward follows it
-                    _, loss = model(x, y)
+                    loss, _ = masked_loss(model, x, y)
                 rt.scaler.scale(loss / accum).backward()  # / accum: the step's gradient is the mean
             loss_sum += loss.detach()
         for optimizer in optimizers:
@@ -716,7 +782,8 @@ def main(argv):
             t_log, tokens_at_log = now, tokens_seen
 
     # --- The end
-    print_summary(log, cfg, paths, exit_code, why, step, start_step, time.time() - t_start, best_val, stopped)
+    print_summary(log, cfg, paths, exit_code, why, step, start_step, time.time() - t_start, best_val, stopped,
+                  chat="loss_mask" in meta)
     # The DDP wrapper's reducer holds the process group: free it before tearing the group down, or
     # a gloo worker thread can hang the exit waiting for the GIL.
     del model
