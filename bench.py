@@ -272,7 +272,7 @@ def bench_decode(cfg, ours, theirs, device, amp):
     weights = (ours.num_params(embeddings=False) + ours.lm_head.weight.numel()) * 4
     streamed, bandwidth = weights * result["ours_tok_s"] / cfg.decode_batch, read_bandwidth(device)
     result |= {"weights_gb_s": round(streamed / 1e9, 2), "read_bandwidth_gb_s": round(bandwidth / 1e9, 1),
-               "bandwidth_fraction": round(streamed / bandwidth, 4)}
+               "bandwidth_fraction": float(f"{streamed / bandwidth:.3g}")}  # 3 digits, even when tiny
     return result
 
 def read_bandwidth(device, gigabytes=0.5):
@@ -311,7 +311,7 @@ def bench_limit(cfg, ours, device):
         peak = matmul_flops(device, dtype)
         achieved = flops_per_step / statistics.median(secs[name])
         result[name] = {"peak_matmul_gflops": round(peak / 1e9, 1), "train_gflops": round(achieved / 1e9, 1),
-                        "fraction_of_peak": round(achieved / peak, 3)}
+                        "fraction_of_peak": float(f"{achieved / peak:.3g}")}
     return result
 
 # --- Time to a loss: train.py itself, run by run -----------------------------------------------------
