@@ -95,9 +95,10 @@ def chat_data(tmp_path_factory):
     """A few hundred short conversations through prepare.py --chat, GPT-2 tokens plus the chat tokens."""
     tmp = tmp_path_factory.mktemp("chat")
     rng = random.Random(0)
-    rows = [{"messages": [{"role": "user", "content": " ".join(rng.choices(["how", "now", "brown", "cow"], k=rng.randint(1, 30)))},
-                          {"role": "assistant", "content": " ".join(rng.choices(["yes", "no", "maybe"], k=rng.randint(1, 30)))}]}
-            for _ in range(300)]
+    def words(choices):  # 1 to 30 of them: some conversations are longer than a window
+        return " ".join(rng.choices(choices, k=rng.randint(1, 30)))
+    rows = [{"messages": [{"role": "user", "content": words(["how", "now", "brown", "cow"])},
+                          {"role": "assistant", "content": words(["yes", "no", "maybe"])}]} for _ in range(300)]
     out = tmp / "data"
     prepare.prepare(prepare.parse_settings(["--input", str(write_jsonl(tmp / "talk.jsonl", rows)), "--chat",
                                             "--out", str(out), "--num-proc", "1"]), "test")
