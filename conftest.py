@@ -127,6 +127,19 @@ def byte_data(tmp_path_factory):
     assert result.returncode == 0, result.stderr
     return out
 
+@pytest.fixture(scope="session")
+def byte_mixture(byte_data, tmp_path_factory):
+    """A second source beside byte_data, with its tokenizer: 40 short lines of four words, ~7,000 tokens
+    (a source that runs out fast) -> the --data value of a 70/30 mixture of the two."""
+    words = ["alpha", "beta", "gamma", "delta"]
+    text = "\n\n".join(" ".join(words[(i * 7 + j * 3) % 4] for j in range(40)) for i in range(40))
+    tmp = tmp_path_factory.mktemp("mix")
+    (tmp / "words.txt").write_text(text)
+    result = python("prepare.py", "--input", tmp / "words.txt", "--tokenizer", byte_data, "--val-fraction", 0.2,
+                    "--out", tmp / "words")
+    assert result.returncode == 0, result.stderr
+    return f"{byte_data}:0.7,{tmp / 'words'}:0.3"
+
 # --- train.py on a tiny model ---------------------------------------------------------------------
 TINY_RUN = ["--n-layer=2", "--n-embd=32", "--n-head=4", "--n-kv-head=2", "--max-seq-len=32", "--batch-size=4",
             "--log-every=1", "--eval-batches=2", "--sample-tokens=0", "--warmup-iters=0", "--min-lr-ratio=1"]

@@ -574,7 +574,7 @@ def prepare(cfg: PrepareConfig, command: str) -> dict:
             "tokens": {"train": train.tokens(), "val": val.tokens()},
             **({"loss_mask": {split: masks[split].shards for split in ("train", "val")},
                 "chat_template": "chatml"} if cfg.chat else {}),
-            "val_split": val_split, "source": source, "command": command,
+            "val_split": val_split, "source": source, "files": len(files), "command": command,
             **{key: stats[key] for key in ("replaced_bytes", "rows_without_text", "rows_with_empty_text")},
             "config": settings,
         }
@@ -591,8 +591,9 @@ def prepare(cfg: PrepareConfig, command: str) -> dict:
     if stats["rows_without_text"] or stats["rows_with_empty_text"]:
         print(f"note: skipped {stats['rows_without_text']:,} rows without the field {cfg.text_field!r} and "
               f"{stats['rows_with_empty_text']:,} rows whose text is empty or null", file=sys.stderr)
+    read = f" from {len(files):,} file(s)" if files else ""
     print(f"{out}: train {train.tokens():,} tokens in {len(train.shards)} shard(s), val {val.tokens():,} tokens; "
-          f"{train.documents:,} + {val.documents:,} document(s); val = {val_split}")
+          f"{train.documents:,} + {val.documents:,} document(s){read}; val = {val_split}")
     return meta
 
 def main(argv):

@@ -340,17 +340,20 @@ def test_malformed_inputs_are_one_line_errors_naming_the_file(tmp_path, capsys, 
 
 def test_folder_of_files(tmp_path, capsys):
     folder = tmp_path / "corpus"
-    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "deeper" / "deepest").mkdir(parents=True)
     texts = {"b.txt": "Second file.\n", "a.txt": "First file,\n\nwith two paragraphs.", "sub/c.txt": "Third. 😀"}
     for name, text in texts.items():
         (folder / name).write_text(text)
     (folder / "notes.md").write_text("not a corpus file")
     (folder / "d.jsonl").write_text(json.dumps({"text": "From jsonl."}) + "\n")
-    prepare_here(capsys, "--input", folder, "--out", tmp_path / "out", "--val-fraction", 0, "--num-proc", 1)
+    (folder / "sub" / "deeper" / "deepest" / "e.jsonl").write_text(json.dumps({"text": "Deep down."}) + "\n")
+    meta, out, _ = prepare_here(capsys, "--input", folder, "--out", tmp_path / "out", "--val-fraction", 0,
+                                "--num-proc", 1)
+    assert meta["files"] == 5 and "5 + 0 document(s) from 5 file(s)" in out
     meta, splits = load(tmp_path / "out")
     docs = [R50K.decode(d) for d in documents(splits["train"], R50K.eot_token)]
-    # files in sorted order (text files one after another, then jsonl rows), each file one document
-    assert docs == [texts["a.txt"], texts["b.txt"], "From jsonl.", texts["sub/c.txt"]]
+    # files in sorted order at any depth (text files one after another, then jsonl rows), each one a document
+    assert docs == [texts["a.txt"], texts["b.txt"], "From jsonl.", texts["sub/c.txt"], "Deep down."]
     assert meta["tokens"]["val"] == 0 and meta["shards"]["val"] == []
     prepare_here(capsys, "--input", str(folder / "**" / "*.txt"), "--out", tmp_path / "glob", "--val-fraction", 0,
              "--num-proc", 1)

@@ -7,6 +7,7 @@ Runs are tiny (2 layers, d32, T=32) on byte-level Tiny Shakespeare (conftest.byt
 input is checked in-process where train.py refuses it before training; everything that trains
 runs as a subprocess, as a user starts it (marked slow).
 """
+import collections
 import json
 import os
 import resource
@@ -20,9 +21,10 @@ import numpy as np
 import pytest
 import torch
 
+import prepare
 import train as train_py
 from common import save_checkpoint
-from conftest import TINY_RUN, ROOT, assert_user_error, losses, python, tiny_config, train
+from conftest import SHAKESPEARE, TINY_RUN, ROOT, assert_user_error, losses, python, tiny_config, train
 from model import ModelConfig, Transformer
 
 def refused(capsys, *args):
@@ -52,6 +54,25 @@ def test_resume_continues_exactly(byte_data, tmp_path, optimizer):
     done = train(byte_data, tmp_path / "b", "--resume", "--max-iters=4")
     assert done.returncode == 0 and "is at step 6, the run has 4 steps: nothing to do" in done.stdout, done.stderr
     assert {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()} == before
+
+@pytest.mark.slow
+def test_a_mixture_resumes_exactly_and_two_processes_equal_one(byte_mixture, tmp_path):
+    one = train(byte_mixture, tmp_path / "one", "--max-iters=4", "--batch-tokens=256", "--eval-every=2")
+    assert one.returncode == 0, one.stderr
+    assert "(70% of the batches)" in one.stdout and "(30% of the batches)" in one.stdout
+    two = train(byte_mixture, tmp_path / "two", "--max-iters=4", "--eval-every=2", torchrun=2)
+    assert two.returncode == 0, two.stderr
+    half = train(byte_mixture, tmp_path / "half", "--max-iters=2", "--batch-tokens=256", "--eval-every=2")
+    assert half.returncode == 0, half.stderr
+    resumed = train(byte_mixture, tmp_path / "half", "--resume", "--max-iters=4")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b, c = losses(tmp_path / "one"), losses(tmp_path / "two"), losses(tmp_path / "half")
+    assert a == c and len(a) == 4  # resumed: exactly the same
+    assert max(abs(x[1] - y[1]) for x, y in zip(a, b)) <= 1e-5
+    evals = [json.loads(line) for line in open(tmp_path / "one" / "log.jsonl") if "val_loss" in line]
+    sources = [k for k in evals[-1] if k.startswith("val_loss[")]  # each source's, and the weighted mean
+    assert len(sources) == 2
+    assert evals[-1]["val_loss"] == pytest.approx(0.7 * evals[-1][sources[0]] + 0.3 * evals[-1][sources[1]])
 
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
@@ -320,3 +341,41 @@ def test_the_runtime_picks_precision_compile_and_the_mfu_peak(monkeypatch):
         assert (rt.dtype, rt.compile, rt.peak_flops) == (torch.float32, True, 5e9)
     finally:
         torch.set_float32_matmul_precision(before)
+
+def test_a_mixture_keeps_its_shares_and_repeats_a_short_source(byte_mixture):
+    meta = train_py.load_data(byte_mixture)
+    mix = train_py.Mixture(meta, "train", 32, seed=5)
+    assert mix.quota == [700, 300]
+    picks = collections.defaultdict(list)  # source -> the windows it gave, in order
+    for g in range(5000):
+        block, at = divmod(g, mix.BLOCK)
+        picks[int(mix.layout(block)[0][at])].append(g)
+    assert [len(picks[0]), len(picks[1])] == [3500, 1500]  # exact in every block of 1000
+    assert 0.25 < len([g for g in picks[1] if g < 100]) / 100 < 0.35  # and well mixed within one
+    # the short source: each epoch shows every window once, in a new order
+    small, cpu = mix.windows[1], torch.device("cpu")
+    seen = [mix.orders[1](k) for k in range(2 * small.n)]  # the windows of its first 2 * n samples
+    first, second = seen[:small.n], seen[small.n:]
+    assert sorted(first) == sorted(second) == list(range(small.n)) and first != second
+    for k in (0, small.n - 1, small.n, 2 * small.n - 1):  # the k-th sample of the source is that window
+        x, y = mix.batch([picks[1][k]], cpu)
+        tokens = torch.from_numpy(small.window(seen[k])[0].astype(np.int64))
+        assert torch.equal(x[0], tokens[:-1]) and torch.equal(y[0], tokens[1:])
+    assert mix.news(0) == [] and mix.news(picks[1][small.n] + 1) == [
+        f"{mix.names[1]}: epoch 2 begins (its windows repeat, reshuffled)"]
+    # any sample, asked in any order, gives the same window (so resuming needs only the step)
+    again = train_py.Mixture(meta, "train", 32, seed=5)
+    for g in [4999, 17, 2500, 0]:
+        assert torch.equal(again.batch([g], torch.device("cpu"))[0], mix.batch([g], torch.device("cpu"))[0])
+
+def test_mixture_settings(byte_data, tmp_path, capsys):
+    assert train_py.data_sources("a:3,b:1") == [("a", 0.75), ("b", 0.25)]
+    assert train_py.data_sources("data/x") == [("data/x", 1.0)]
+    assert train_py.data_sources("c:/data:2,d:2") == [("c:/data", 0.5), ("d", 0.5)]
+    tiny = ["--max-iters=1", f"--out-dir={tmp_path / 'run'}"]
+    assert "must be a positive number" in refused(capsys, f"--data={byte_data}:1,{byte_data}x:-1", *tiny)
+    assert "names a folder twice" in refused(capsys, f"--data={byte_data}:1,{byte_data}:2", *tiny)
+    r50k = tmp_path / "r50k"
+    prepare_args = ["--input", str(SHAKESPEARE), "--out", str(r50k), "--num-proc", "1"]
+    prepare.prepare(prepare.parse_settings(prepare_args), "test")
+    assert "another tokenizer" in refused(capsys, f"--data={byte_data}:1,{r50k}:1", *tiny)

@@ -45,7 +45,8 @@ from muon import Muon
 @dataclass
 class TrainConfig:
     preset: str = setting("shakespeare_cpu", "a group of settings from PRESETS; flags given win")
-    data: str = setting("data/shakespeare", "a folder written by prepare.py")
+    data: str = setting("data/shakespeare", "a folder written by prepare.py, or a mixture of such folders with "
+                        "weights: data/web:0.7,data/code:0.3")
     out_dir: str = setting("out/shakespeare", "where ckpt.pt, best.pt, log.jsonl and loss.png go")
     resume: bool = setting(False, "continue from out_dir/ckpt.pt, with its settings plus the flags given")
     overwrite: bool = setting(False, "start afresh in an out_dir that holds a run, replacing it")
@@ -203,9 +204,37 @@ def load_meta(folder):
                 "missing, truncated or corrupt; re-run prepare.py")
     return meta
 
-def tokenizer_of(meta, folder):
+def data_sources(data):
+    """--data -> [(folder, weight)], weights summing to 1: "FOLDER" or "FOLDER:WEIGHT,FOLDER:WEIGHT,..."."""
+    sources = []
+    for part in data.split(","):
+        folder, _, weight = part.rpartition(":")
+        try:
+            sources.append((folder, float(weight)) if folder else (part, 1.0))
+        except ValueError:  # a colon in the folder's name, no weight
+            sources.append((part, 1.0))
+    total = sum(w for _, w in sources)
+    if len(sources) > 1 and not all(w > 0 and math.isfinite(w) for _, w in sources):
+        die(f"--data={data}: every weight of a mixture must be a positive number")
+    if len({f for f, _ in sources}) < len(sources):
+        die(f"--data={data} names a folder twice; give each once, with its whole weight")
+    return [(folder, w / total) for folder, w in sources]
+
+def load_data(data):
+    """--data's folders, checked -> the first one's meta.json, plus "folder" (its path) and "sources":
+    [(folder, weight, meta)] of every folder. A mixture's folders must share one tokenizer."""
+    sources = [(folder, weight, load_meta(folder)) for folder, weight in data_sources(data)]
+    first = {**sources[0][2], "folder": sources[0][0], "sources": sources}
+    for folder, _, meta in sources[1:]:  # the same ids for the same text: compare what decides them
+        if tokenizer_fingerprint(tokenizer_of({**meta, "folder": folder})[0]) != \
+                tokenizer_fingerprint(tokenizer_of(first)[0]):
+            die(f"{folder} was tokenized with another tokenizer than {first['folder']}; a mixture needs "
+                "one tokenizer (prepare.py --tokenizer FOLDER reuses one)")
+    return first
+
+def tokenizer_of(meta):
     """(tiktoken encoding, spec with the ranks inline) of a data folder: checkpoints carry the spec."""
-    spec = dict(meta["tokenizer"])
+    folder, spec = meta["folder"], dict(meta["tokenizer"])
     try:
         if "ranks_file" in spec:
             with open(os.path.join(folder, spec.pop("ranks_file"))) as f:
@@ -237,26 +266,32 @@ class TokenWindows:
             die(f"the {split} split of {folder} has fewer than {seq_len + 1} tokens; "
                 "use a smaller --max-seq-len")
 
+    def window(self, w):
+        """(tokens (T + 1,), mask bytes of the targets (T,) or None) of window w."""
+        k = int(np.searchsorted(self.first, w, side="right")) - 1
+        start = (int(w) - int(self.first[k])) * self.seq_len
+        tokens = self.shards[k][start:start + self.seq_len + 1]
+        if tokens.max() >= self.vocab_size:  # cheap, and catches corrupt shards where it matters
+            die(f"token id {int(tokens.max())} >= the data's vocab_size={self.vocab_size} in "
+                f"{self.files[k]}: a corrupt shard or data from another tokenizer; re-run prepare.py")
+        return tokens, self.masks[k][start + 1:start + self.seq_len + 1] if self.masks else None
+
     def batch(self, windows, device):
-        rows, keep = [], []
-        for w in windows:
-            k = int(np.searchsorted(self.first, w, side="right")) - 1
-            start = (int(w) - int(self.first[k])) * self.seq_len
-            rows.append(self.shards[k][start:start + self.seq_len + 1])
-            if rows[-1].max() >= self.vocab_size:  # cheap, and catches corrupt shards where it matters
-                die(f"token id {int(rows[-1].max())} >= the data's vocab_size={self.vocab_size} in "
-                    f"{self.files[k]}: a corrupt shard or data from another tokenizer; re-run prepare.py")
-            if self.masks:  # the mask bytes of the targets, tokens 1..T of the window
-                keep.append(self.masks[k][start + 1:start + self.seq_len + 1])
-        tokens = np.stack(rows).astype(np.int64)                                  # (B, T + 1)
-        xy = np.stack([tokens[:, :-1], tokens[:, 1:]])                            # (2, B, T)
-        if keep:
-            xy[1][np.stack(keep) == 0] = -1  # targets not to learn: the loss skips -1
-        xy = torch.from_numpy(xy)
-        if device.type == "cuda":  # page-locked memory lets the copy run without blocking this process
-            xy = xy.pin_memory()
-        xy = xy.to(device, non_blocking=device.type == "cuda")  # one copy to the device
-        return xy[0], xy[1]                                                       # (B, T) each
+        return to_device([self.window(w) for w in windows], device)
+
+def to_device(rows, device):
+    """Windows (tokens, mask or None) -> inputs x and targets y (B, T) on device; y = -1 where the
+    mask says not to learn a target (the loss skips it)."""
+    tokens = np.stack([t for t, _ in rows]).astype(np.int64)                  # (B, T + 1)
+    xy = np.stack([tokens[:, :-1], tokens[:, 1:]])                            # (2, B, T)
+    for row, (_, keep) in enumerate(rows):
+        if keep is not None:
+            xy[1, row][keep == 0] = -1
+    xy = torch.from_numpy(xy)
+    if device.type == "cuda":  # page-locked memory lets the copy run without blocking this process
+        xy = xy.pin_memory()
+    xy = xy.to(device, non_blocking=device.type == "cuda")  # one copy to the device
+    return xy[0], xy[1]                                                       # (B, T) each
 
 def masked_loss(model, x, y):
     """The mean loss over the targets to learn (y = -1: skip): a micro-batch with none gives 0, not
@@ -264,6 +299,66 @@ def masked_loss(model, x, y):
     _, loss_sum = model(x, y, reduction="sum")
     count = (y >= 0).sum()
     return loss_sum / count.clamp(min=1), count
+
+class Mixture:
+    """The windows of one split of every --data source, and the run's order over them: global sample g
+    (g = step * sequences_per_step + row) -> (source, k) -> window EpochOrder(k) of that source, k
+    counting that source's samples so far. Samples come in blocks of BLOCK: in each, every source
+    has its quota (its weight of BLOCK, rounded so the quotas add up), in an order drawn from (seed,
+    block). So the shares hold in every block, and (source, k) of any g is found without replaying
+    the run: resuming and any number of processes see the same data. A source that runs out starts
+    its next epoch, reshuffled. One source: k = g, the plain epoch order."""
+    BLOCK = 1000
+
+    def __init__(self, meta, split, seq_len, seed):
+        self.names = [folder for folder, _, _ in meta["sources"]]
+        self.weights = [weight for _, weight, _ in meta["sources"]]
+        self.windows = [TokenWindows(folder, m, split, seq_len) for folder, _, m in meta["sources"]]
+        # seed for the first source, as with one folder; the others' orders differ from it
+        self.orders = [EpochOrder(w.n, seed + 7919 * i) for i, w in enumerate(self.windows)]
+        exact = [weight * self.BLOCK for weight in self.weights]  # largest remainders get the rest
+        quota = [math.floor(x) for x in exact]
+        for i in sorted(range(len(exact)), key=lambda i: quota[i] - exact[i])[:self.BLOCK - sum(quota)]:
+            quota[i] += 1
+        self.quota, self.seed, self.cache, self.epochs = quota, seed, {}, None
+
+    def layout(self, block):
+        """The sources of a block's samples in order, and each sample's count within its source."""
+        if block not in self.cache:
+            layout = np.repeat(np.arange(len(self.quota)), self.quota)
+            if len(self.quota) > 1:
+                layout = np.random.default_rng([self.seed, 104729, block]).permutation(layout)
+            before = np.zeros(len(layout), dtype=np.int64)
+            for s, q in enumerate(self.quota):
+                before[layout == s] = np.arange(q)
+            self.cache = {block: (layout, before)}
+        return self.cache[block]
+
+    def seen(self, g):
+        """How many samples each source gave before global sample g."""
+        block, at = divmod(g, self.BLOCK)
+        layout, _ = self.layout(block)
+        return [block * q + int(np.count_nonzero(layout[:at] == s)) for s, q in enumerate(self.quota)]
+
+    def news(self, g):
+        """What changed since the last call, at global sample g: the sources that began a new epoch
+        (all their windows seen: they repeat, reshuffled)."""
+        epochs = [1 + n // w.n for n, w in zip(self.seen(g), self.windows)]
+        said = [f"{name}: epoch {e} begins (its windows repeat, reshuffled)"
+                for name, e, before in zip(self.names, epochs, self.epochs or epochs) if e > before]
+        self.epochs = epochs
+        return said
+
+    def batch(self, samples, device):
+        """Inputs and targets (B, T) of global samples, each from its source."""
+        rows = []
+        for g in samples:
+            block, at = divmod(g, self.BLOCK)
+            layout, before = self.layout(block)
+            s = int(layout[at])
+            k = block * self.quota[s] + int(before[at])  # this source's k-th sample
+            rows.append(self.windows[s].window(self.orders[s](k)))
+        return to_device(rows, device)
 
 class EpochOrder:
     """Global sample g of the run (g = step * sequences_per_step + row) -> a window number: each
@@ -297,6 +392,15 @@ def evaluate_loss(model, windows, cfg, rt):
         dist.all_reduce(total)
     model.train()
     return (total[0] / total[1]).item()
+
+def evaluate_val(model, val, cfg, rt):
+    """{"val_loss": the mixture's (its sources' losses by weight), "val_loss[FOLDER]": each source's
+    when there are several}."""
+    losses = [evaluate_loss(model, windows, cfg, rt) for windows in val.windows]
+    record = {"val_loss": sum(w * loss for w, loss in zip(val.weights, losses))}
+    if len(losses) > 1:
+        record |= {f"val_loss[{name}]": loss for name, loss in zip(val.names, losses)}
+    return record
 
 def sample_text(model, enc, eot_id, n_tokens, seed, rt):
     """A seeded sample from the start of a document, as printable text (control bytes escaped)."""
@@ -341,8 +445,9 @@ def resolve_settings(given):
     train_keys = {f.name for f in fields(TrainConfig)}
     cfg = parse_config(TrainConfig, {k: v for k, v in settings.items() if k in train_keys})
     model_settings = {k: v for k, v in settings.items() if k not in train_keys}
-    need_data = not cfg.eval_only or os.path.isfile(os.path.join(cfg.data, "meta.json"))
-    meta = load_meta(cfg.data) if need_data else None
+    need_data = not cfg.eval_only or all(os.path.isfile(os.path.join(folder, "meta.json"))
+                                         for folder, _ in data_sources(cfg.data))
+    meta = load_data(cfg.data) if need_data else None
     if meta and (not model_settings.get("vocab_size") or init and meta["vocab_size"] > model_settings["vocab_size"]):
         model_settings["vocab_size"] = 64 * math.ceil(meta["vocab_size"] / 64)  # a multiple of 64: faster matmuls
     model_cfg = parse_config(ModelConfig, model_settings)
@@ -584,12 +689,11 @@ def evaluate_only(cfg, model, ckpt, meta, rt):
     """--eval-only: val loss (when the data folder exists) and HellaSwag of a checkpoint; one log line."""
     enc = tokenizer_from_checkpoint(ckpt, cfg.ckpt, model.config.vocab_size)
     if meta is not None:
-        check_tokenizer(ckpt, cfg.ckpt, tokenizer_of(meta, cfg.data)[0], cfg.data)
+        check_tokenizer(ckpt, cfg.ckpt, tokenizer_of(meta)[0], cfg.data)
     items = hellaswag.get_items(cfg.hellaswag_path, cfg.hellaswag_items, rt.rank, rt.world)
     record = {"step": ckpt["step"], "eval_only": cfg.ckpt}
     if meta is not None:
-        val = TokenWindows(cfg.data, meta, "val", model.config.max_seq_len)
-        record["val_loss"] = evaluate_loss(model, val, cfg, rt)
+        record |= evaluate_val(model, Mixture(meta, "val", model.config.max_seq_len, cfg.seed), cfg, rt)
         record["val_ppl"] = perplexity(record["val_loss"])
     T = model.config.max_seq_len
     record |= hellaswag.evaluate(model, enc, items, rt.device, rt.amp, T, rt.rank, rt.world)
@@ -605,11 +709,13 @@ def print_plan(log, cfg, model, rt, train, val, tokenizer, step, max_iters, batc
     log.print(f"model   {n_params / 1e6:.2f}M parameters ({body / 1e6:.2f}M without embeddings): "
               f"{mc.n_layer} layers, d{mc.n_embd}, {mc.n_head} heads / {mc.n_kv_head} kv, T={T}, "
               f"vocab {mc.vocab_size}")
-    log.print(f"data    {cfg.data}: {train.n * T / 1e6:,.2f}M train tokens, {val.n * T / 1e6:,.2f}M val, "
-              f"tokenizer {tokenizer['name']}")
+    for name, weight, windows, val_windows in zip(train.names, train.weights, train.windows, val.windows):
+        share = f" ({weight:.0%} of the batches)" if len(train.names) > 1 else ""
+        log.print(f"data    {name}{share}: {windows.n * T / 1e6:,.2f}M train tokens, "
+                  f"{val_windows.n * T / 1e6:,.2f}M val, tokenizer {tokenizer['name']}; "
+                  f"{total * weight / (windows.n * T):.2f} epochs in this run")
     log.print(f"plan    {f'from step {step} to ' if step else ''}{max_iters} steps x {batch_tokens:,} "
-              f"tokens = {total / 1e6:,.1f}M tokens ({total / max(1, train.n * T):.2f} epochs, "
-              f"{total / n_params:.1f} per parameter; Chinchilla-optimal ~20), "
+              f"tokens = {total / 1e6:,.1f}M tokens ({total / n_params:.1f} per parameter; Chinchilla-optimal ~20), "
               f"{model.flops_per_token(T) * total:.2e} FLOPs")
     name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu"
     log.print(f"runtime {rt.device} ({name}), "
@@ -648,7 +754,7 @@ def main(argv):
     T = model_cfg.max_seq_len
     batch_tokens, accum, max_iters = batch_plan(cfg, T, rt.world)
     if not cfg.eval_only:
-        enc, tokenizer = tokenizer_of(meta, cfg.data)
+        enc, tokenizer = tokenizer_of(meta)
         if ckpt is not None:
             check_resume(ckpt, os.path.join(cfg.out_dir, "ckpt.pt"), enc, cfg.data)
         if rt.master:  # only rank 0 writes out_dir
@@ -676,8 +782,7 @@ def main(argv):
     model = compiled
     if rt.ddp:
         model = DDP(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
-    train, val = (TokenWindows(cfg.data, meta, split, T) for split in ("train", "val"))
-    order = EpochOrder(train.n, cfg.seed)
+    train, val = (Mixture(meta, split, T, cfg.seed) for split in ("train", "val"))
     items = hellaswag.get_items(cfg.hellaswag_path, cfg.hellaswag_items, rt.rank, rt.world) \
         if cfg.hellaswag_every else None  # loaded (and checked) now, not after hours of training
     paths = {name: os.path.join(cfg.out_dir, name) for name in ("ckpt.pt", "best.pt", "log.jsonl", "loss.png")}
@@ -697,16 +802,17 @@ def main(argv):
         due = step % cfg.eval_every == 0 and (step > start_step or step == 0)
         evaluate = not stopped and (last_step or due)
         if evaluate:
-            val_loss = evaluate_loss(compiled, val, cfg, rt)
+            vals = evaluate_val(compiled, val, cfg, rt)  # the mixture's, and each source's
+            val_loss = vals["val_loss"]
             if not math.isfinite(val_loss):  # the last update broke the weights: do not save them
                 exit_code, why = 1, f"validation loss is {val_loss}"
                 break
-            record = {"step": step, "tokens": tokens_seen, "val_loss": val_loss,
-                      "val_ppl": perplexity(val_loss), "elapsed": time.time() - t_start}
+            record = {"step": step, "tokens": tokens_seen, **vals, "val_ppl": perplexity(val_loss),
+                      "elapsed": time.time() - t_start}
             if items and (last_step or step % cfg.hellaswag_every == 0):
                 record |= hellaswag.evaluate(compiled, enc, items, rt.device, rt.amp, T, rt.rank, rt.world)
             log.print(f"eval step {step} | val loss {val_loss:.4f} | ppl {record['val_ppl']:.2f}" +
-                      "".join(f" | {k} {v:.4f}" for k, v in record.items() if k.startswith("hellaswag_acc")))
+                      "".join(f" | {k} {v:.4f}" for k, v in record.items() if k.startswith(("hellaswag_acc", "val_loss["))))
             log.record(record)
             if rt.master and cfg.sample_tokens:  # from the uncompiled model: decoding shapes vary
                 text = sample_text(raw_model, enc, meta["eot_id"], cfg.sample_tokens, cfg.seed, rt)
@@ -735,7 +841,7 @@ def main(argv):
         loss_sum = torch.zeros((), device=rt.device)  # summed on the device: no sync per micro-step
         for micro in range(accum):
             first = step * (batch_tokens // T) + (rt.rank * accum + micro) * cfg.batch_size
-            x, y = train.batch([order(g) for g in range(first, first + cfg.batch_size)], rt.device)
+            x, y = train.batch(range(first, first + cfg.batch_size), rt.device)
             # DDP all-reduces the gradients in every backward unless told not to: only the last
             # micro-step of an optimizer step needs it.
             with model.no_sync() if rt.ddp and micro < accum - 1 else nullcontext():
@@ -769,14 +875,14 @@ def main(argv):
             tok_s = (tokens_seen - tokens_at_log) / (now - t_log)
             # The ETA from the pace since the first log line, evaluations included: steadier than one
             # window's, and past compiling and warm-up, which only the first window holds.
-            if pace_from is None:
-                pace_from, eta = (now, step), (now - t_start) / (step - start_step) * (max_iters - step)
-            else:
-                eta = (now - pace_from[0]) / (step - pace_from[1]) * (max_iters - step)
+            since = pace_from or (t_start, start_step)
+            eta = (now - since[0]) / (step - since[1]) * (max_iters - step)
+            pace_from = pace_from or (now, step)
             mfu = flops_per_token * tok_s / rt.world / rt.peak_flops if rt.peak_flops else None
             log.print(f"step {step}/{max_iters} | loss {mean_loss:.4f} | lr {lr:.2e} | "
                       f"grad norm {grad_norm:.3f} | {tok_s:,.0f} tok/s" +
-                      (f" | MFU {mfu:.1%}" if mfu is not None else "") + f" | ETA {minutes(eta)}")
+                      (f" | MFU {mfu:.1%}" if mfu is not None else "") + f" | ETA {minutes(eta)}" +
+                      "".join(f"\ndata    {news}" for news in train.news(step * (batch_tokens // T))))
             log.record({"step": step, "tokens": tokens_seen, "loss": mean_loss, "lr": lr,
                         "grad_norm": grad_norm.item(), "tokens_per_s": tok_s, "mfu": mfu, "time": now})
             t_log, tokens_at_log = now, tokens_seen
