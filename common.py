@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -409,18 +410,79 @@ def load_for_inference(path):
     enc = tokenizer_from_checkpoint(ckpt, path, model.config.vocab_size)
     return model, enc, ckpt["eot_id"], ckpt["tokenizer"]
 
-def load_hf_folder(folder, tokenizer_name=""):
-    """The same four from a Llama folder in Hugging Face's format (config.json + model.safetensors).
-    export.py stores our tokenizer spec in config.json; other folders need a tiktoken name."""
-    from model import Transformer, from_hf
-    try:  # optional: only the Hugging Face format needs it
-        from safetensors.torch import load_file
+def bytes_to_unicode():
+    """GPT-2's byte -> character map behind byte-level BPE files: printable Latin-1 bytes stand for
+    themselves, the others (space, control bytes) move to U+0100 onwards, so tokens are visible strings."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
+
+# The text a converted tokenizer must encode exactly as the folder's own tokenizer does.
+PROBE = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
+         "  It's 2026; they'll pay $1,234.56 -- naïve café, 日本語, emoji 🦙👍🏽, tabs\t\tand   spaces\r\n")
+
+def tokenizer_from_hf(folder):
+    """A tokenizer spec (kind "bpe", ranks inline) for a Hugging Face folder's byte-level BPE
+    tokenizer.json (GPT-2's family: GPT-2, SmolLM, our exports), checked against the `tokenizers`
+    package on PROBE. Others (SentencePiece, as in Llama 2 and TinyLlama) are refused."""
+    try:
+        import tokenizers
     except ImportError:
+        die("reading a Hugging Face tokenizer.json needs the tokenizers package: pip install tokenizers")
+    path = os.path.join(folder, "tokenizer.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+        hf = tokenizers.Tokenizer.from_file(path)
+        model, pre = spec["model"], json.dumps(spec.get("pre_tokenizer"))
+        assert model["type"] == "BPE" and "ByteLevel" in pre, "not a byte-level BPE"
+        # the split pattern: an explicit Split regex, or ByteLevel's own (GPT-2's)
+        steps = spec["pre_tokenizer"].get("pretokenizers") or [spec["pre_tokenizer"]]
+        splits = [p["pattern"]["Regex"] for p in steps
+                  if p.get("type") == "Split" and "Regex" in p.get("pattern", {})]
+        pattern = splits[0] if splits else tiktoken.get_encoding("r50k_base")._pat_str
+        if any(p.get("type") == "Digits" and p.get("individual_digits") for p in steps):  # SmolLM's
+            pattern = pattern.replace(r" ?\p{N}+", r"\p{N}")  # each digit its own piece
+        byte_of = {c: b for b, c in bytes_to_unicode().items()}
+        specials = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+        ranks = {bytes(byte_of[c] for c in token): rank for token, rank in model["vocab"].items()
+                 if token not in specials}
+    except Exception as e:  # a missing or malformed file, or another kind of tokenizer
+        die(f"cannot use the tokenizer of {folder}: {one_line(e)}; byte-level BPE tokenizers (GPT-2, SmolLM, "
+            "export.py folders) work")
+    if "<|endoftext|>" not in specials:  # the token that starts each document here
+        die(f"the tokenizer of {folder} has no <|endoftext|> special token, which the scripts need")
+    lines = "".join(f"{base64.b64encode(t).decode()} {rank}\n"
+                    for t, rank in sorted(ranks.items(), key=lambda x: x[1]))
+    ours = {"kind": "bpe", "name": "hf:" + os.path.basename(os.path.abspath(folder)), "pat_str": pattern,
+            "special_tokens": specials, "ranks": lines}
+    enc = load_tokenizer(ours)
+    if enc.encode_ordinary(PROBE) != hf.encode(PROBE, add_special_tokens=False).ids:
+        die(f"the tokenizer of {folder} does not give the same ids through tiktoken; it is not supported")
+    return ours
+
+def load_hf_state(folder):
+    """The tensors of model.safetensors, or of the shards model.safetensors.index.json lists."""
+    from safetensors.torch import load_file
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if not os.path.exists(index):
+        return load_file(os.path.join(folder, "model.safetensors"))
+    with open(index) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    return {name: t for shard in shards for name, t in load_file(os.path.join(folder, shard)).items()}
+
+def load_hf_folder(folder, tokenizer_name=""):
+    """The same four from a Llama folder in Hugging Face's format (config.json + safetensors, sharded
+    or not). The tokenizer: tiktoken's tokenizer_name if given, else our spec that export.py stores in
+    config.json, else the folder's tokenizer.json (a byte-level BPE; tokenizer_from_hf)."""
+    from model import Transformer, from_hf
+    if importlib.util.find_spec("safetensors") is None:  # optional: only the Hugging Face format needs it
         die("reading a Hugging Face folder needs safetensors: pip install safetensors")
     try:
         with open(os.path.join(folder, "config.json")) as f:
             hf_config = json.load(f)
-        state, cfg = from_hf(load_file(os.path.join(folder, "model.safetensors")), hf_config)
+        state, cfg = from_hf(load_hf_state(folder), hf_config)
         model = Transformer(cfg)
         model.load_state_dict(state)  # copies into the fp32 parameters, whatever the file's dtype
     except Exception as e:
@@ -429,14 +491,16 @@ def load_hf_folder(folder, tokenizer_name=""):
         spec = {"kind": "tiktoken", "name": tokenizer_name}
     elif isinstance(hf_config.get("tiktoken_spec"), dict):
         spec = hf_config["tiktoken_spec"]
+    elif os.path.exists(os.path.join(folder, "tokenizer.json")):
+        spec = tokenizer_from_hf(folder)
     else:
-        die(f"{folder}/config.json has no tiktoken_spec (export.py writes one); name the tokenizer, "
+        die(f"{folder} has no tokenizer (tokenizer.json, or the tiktoken_spec export.py writes); name one, "
             "e.g. --tokenizer r50k_base")
     try:
         enc = load_tokenizer(spec, folder)
     except Exception as e:
         die(f"cannot build the tokenizer of {folder} from {json.dumps(spec)[:80]}: {one_line(e)}")
-    eot_id = enc.eot_token if tokenizer_name else hf_config.get("eos_token_id")
+    eot_id = enc.eot_token if tokenizer_name or "tiktoken_spec" not in hf_config else hf_config.get("eos_token_id")
     if enc.n_vocab > cfg.vocab_size or not isinstance(eot_id, int) or not 0 <= eot_id < enc.n_vocab:
         die(f"{folder}: the tokenizer has {enc.n_vocab} ids and end-of-text {eot_id}, the model "
             f"vocab_size={cfg.vocab_size}; wrong tokenizer?")

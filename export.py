@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import chat
-from common import (check, die, load_for_inference, lock, parse_config, parse_flags, ranks_text, run_main,
-                    setting, swap_in)
+from common import (bytes_to_unicode, check, die, load_for_inference, lock, parse_config, parse_flags, ranks_text,
+                    run_main, setting, swap_in)
 from model import to_hf
 
 @dataclass
@@ -32,14 +32,6 @@ class ExportConfig:
 
     def __post_init__(self):
         check(self.ckpt, "--ckpt is empty; name a checkpoint written by train.py")
-
-def bytes_to_unicode():
-    """GPT-2's byte -> character map behind byte-level BPE files: printable Latin-1 bytes stand for
-    themselves, the others (space, control bytes) move to U+0100 onwards, so tokens are visible strings."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-            *range(ord("®"), ord("ÿ") + 1)]
-    moved = [b for b in range(256) if b not in keep]
-    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
 
 def write_hf_tokenizer(enc, eot_id, max_seq_len, folder):
     """tokenizer.json + tokenizer_config.json that encode like enc, if `tokenizers` is installed."""

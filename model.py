@@ -6,8 +6,9 @@
     out = model.generate(idx, max_new_tokens=100, temperature=0.8, top_k=200)
 
 Llama is GPT-2 with rotary positions (RoPE), pre-norm RMSNorm in fp32, grouped-query attention,
-a SwiGLU MLP and no biases. Ablations put GPT-2's parts back: pos_emb, mlp, norm. Parameter names
-are Hugging Face LlamaForCausalLM's without "model.", so to_hf/from_hf are renames.
+a SwiGLU MLP and no biases. Ablations put GPT-2's parts back or take parts out: pos_emb, mlp,
+norm. Parameter names are Hugging Face LlamaForCausalLM's without "model.", so to_hf/from_hf are
+renames.
 
 Dimensions: B batch, T positions in this call, S cached positions, C = n_embd, H query heads,
 Hkv key/value heads, D = C // H head dim, V vocab size.
@@ -28,7 +29,7 @@ class ModelConfig:
     n_head: int = 12
     n_kv_head: int = 12        # = n_head: multi-head; < n_head: grouped-query (GQA); 1: multi-query
     n_embd: int = 768
-    ffn_hidden: int = 0        # 0: derived (Llama's rule for swiglu, 4 * n_embd for gelu)
+    ffn_hidden: int = 0        # 0: derived (Llama's rule for swiglu, 4 * n_embd for gelu and silu)
     multiple_of: int = 256     # Llama rounds the derived ffn_hidden up to a multiple of this (fast matmuls)
     max_seq_len: int = 1024
     rope_theta: float = 10000.0  # Llama 2: 1e4, Llama 3: 5e5
@@ -36,8 +37,8 @@ class ModelConfig:
     tie_embeddings: bool = False
     dropout: float = 0.0
     pos_emb: str = "rope"      # ablations: rope | learned | none
-    mlp: str = "swiglu"        # swiglu | gelu
-    norm: str = "rmsnorm"      # rmsnorm | layernorm
+    mlp: str = "swiglu"        # swiglu | gelu | silu
+    norm: str = "rmsnorm"      # rmsnorm | layernorm | none
 
     @property
     def head_dim(self):  # D; a property, so not a field
@@ -49,8 +50,8 @@ class ModelConfig:
                 raise ValueError(problem)
         for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "multiple_of", "max_seq_len"):
             check(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
-        for name, choices in [("pos_emb", ("rope", "learned", "none")), ("mlp", ("swiglu", "gelu")),
-                              ("norm", ("rmsnorm", "layernorm"))]:
+        for name, choices in [("pos_emb", ("rope", "learned", "none")), ("mlp", ("swiglu", "gelu", "silu")),
+                              ("norm", ("rmsnorm", "layernorm", "none"))]:
             check(getattr(self, name) in choices, f"{name}={getattr(self, name)!r} is not one of {choices}")
         check(self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         check(self.n_head % self.n_kv_head == 0, f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
@@ -60,7 +61,7 @@ class ModelConfig:
               f"need 0 <= dropout < 1, rope_theta > 0, norm_eps > 0, ffn_hidden >= 0; got dropout={self.dropout}, "
               f"rope_theta={self.rope_theta}, norm_eps={self.norm_eps}, ffn_hidden={self.ffn_hidden}")
         if self.ffn_hidden == 0:  # SwiGLU has 3 matrices to GELU's 2: 2/3 of 4C keeps the parameter count
-            hidden = 4 * self.n_embd if self.mlp == "gelu" else int(2 * 4 * self.n_embd / 3)
+            hidden = int(2 * 4 * self.n_embd / 3) if self.mlp == "swiglu" else 4 * self.n_embd
             self.ffn_hidden = self.multiple_of * math.ceil(hidden / self.multiple_of)
 
 # --- Normalization --------------------------------------------------------------------------------
@@ -75,7 +76,9 @@ class RMSNorm(nn.Module):
         xf = x.float()
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
 
-def make_norm(cfg):  # "layernorm": GPT-2's norm (without bias), for ablations
+def make_norm(cfg):  # ablations: "layernorm" is GPT-2's norm (without bias), "none" no norm at all
+    if cfg.norm == "none":
+        return nn.Identity()
     norm = RMSNorm if cfg.norm == "rmsnorm" else lambda dim, eps: nn.LayerNorm(dim, eps, bias=False)
     return norm(cfg.n_embd, cfg.norm_eps)
 
@@ -155,7 +158,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.swiglu = cfg.mlp == "swiglu"
+        self.swiglu, self.act = cfg.mlp == "swiglu", cfg.mlp
         if self.swiglu:  # the gate (Shazeer 2020, "GLU Variants Improve Transformer")
             self.gate_proj = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
         self.up_proj = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
@@ -164,7 +167,8 @@ class MLP(nn.Module):
     def forward(self, x):
         if self.swiglu:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(F.gelu(self.up_proj(x)))  # the GPT-2 MLP, for ablations
+        act = F.gelu if self.act == "gelu" else F.silu  # ablations: GPT-2's MLP, or one without a gate
+        return self.down_proj(act(self.up_proj(x)))
 
 class Block(nn.Module):
     """Pre-norm residual block: each sublayer reads a normalized copy and adds to the stream."""

@@ -52,6 +52,9 @@ PRESETS = {  # each writes the folder that train.py's preset for the corpus read
     # 2.7M short stories in one 2.2 GB text file, each followed by a line "<|endoftext|>"; lilLM's 8192 ids
     "tinystories": dict(input=["https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-train.txt"],
                         separator=EOT, vocab_size=8191, val_fraction=0.002, out="data/tinystories"),
+    # the same stories, with the 10k BPE of the CS336-style model (10,000 ids with eot)
+    "tinystories-10k": dict(input=["https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-train.txt"],
+                            separator=EOT, vocab_size=9999, val_fraction=0.002, out="data/tinystories_10k"),
     # 9.7M web pages, ~10B tokens; --streaming avoids a second copy of it in datasets' cache
     "fineweb-edu": dict(dataset="HuggingFaceFW/fineweb-edu", subset="sample-10BT", val_fraction=0.0005,
                         out="data/fineweb_edu"),
@@ -78,8 +81,8 @@ class PrepareConfig:
     text_field: str = setting("text", "the field holding the text (hub datasets, .jsonl/.json/.parquet)")
     separator: str | None = setting(None, r"what separates documents in .txt files, e.g. '<|endoftext|>', '\n\n'")
     out: str | None = setting(None, "output folder; None: the preset's, else data/<corpus>-<tokenizer>")
-    tokenizer: str = setting("r50k_base", "tiktoken encoding (r50k_base is GPT-2's), or a folder written by "
-                             "prepare.py whose tokenizer to use")
+    tokenizer: str = setting("r50k_base", "tiktoken encoding (r50k_base is GPT-2's), a folder written by "
+                             "prepare.py whose tokenizer to use, or hf:DIR, a Hugging Face model's (byte-level BPE)")
     chat: bool = setting(False, "rows are conversations (\"messages\", or \"instruction\" + \"output\"); "
                          "render them with chat.py's template and write a loss mask; a .txt is a play")
     vocab_size: int = setting(0, "train a byte-level BPE of N >= 256 tokens, eot = N (0: use --tokenizer)")
@@ -493,6 +496,9 @@ def prepare(cfg: PrepareConfig, command: str) -> dict:
                     special_tokens={EOT: cfg.vocab_size})
     elif os.path.isdir(cfg.tokenizer):
         spec, ranks = reused_tokenizer(cfg.tokenizer)
+    elif cfg.tokenizer.startswith("hf:"):  # a Hugging Face folder's tokenizer.json, as tiktoken ranks
+        spec = common.tokenizer_from_hf(cfg.tokenizer[3:])
+        ranks = spec.pop("ranks")
     else:
         spec = dict(kind="tiktoken", name=cfg.tokenizer)
     try:

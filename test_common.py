@@ -140,3 +140,26 @@ def test_the_dtype_is_chosen_by_what_the_hardware_does(monkeypatch):
         monkeypatch.setattr(common, "cpu_has_bf16", lambda: has_bf16)
         assert common.pick_dtype("auto", cpu) == expected
     assert common.pick_dtype("auto", torch.device("mps")) == torch.float32
+
+@pytest.mark.parametrize("digits", [False, True], ids=["gpt2-style", "smollm-style-digits"])
+def test_a_byte_level_bpe_tokenizer_json_becomes_the_same_tiktoken_ids(tmp_path, digits):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from conftest import SHAKESPEARE
+    tok = tokenizers.Tokenizer(models.BPE())
+    steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
+    tok.pre_tokenizer = pre_tokenizers.Sequence(steps + [pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([SHAKESPEARE.read_text()[:200_000], "2026 1,234.56 12345"], trainer)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    spec = common.tokenizer_from_hf(tmp_path)
+    enc = common.load_tokenizer(spec)
+    text = SHAKESPEARE.read_text()[-5000:] + " 31 Dec 1999: $12.50, 日本 🦙"
+    assert enc.encode_ordinary(text) == tok.encode(text).ids
+    assert enc.eot_token == 0 and spec["special_tokens"] == {"<|endoftext|>": 0, "<|im_start|>": 1}
+    # a tokenizer of another kind is refused in one line
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "Unigram", "vocab": []}}')
+    with pytest.raises(SystemExit):
+        common.tokenizer_from_hf(tmp_path)

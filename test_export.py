@@ -78,6 +78,9 @@ def test_hf_dir_samples_like_the_checkpoint(tmp_path, capsys):
     (tmp_path / "r50k" / "config.json").write_text(json.dumps(config))
     r50k_expected = run_main(capsys, "--ckpt", r50k_ckpt, *greedy).out
     assert run_main(capsys, "--hf-dir", tmp_path / "r50k", "--tokenizer", "r50k_base", *greedy).out == r50k_expected
+    # ... or read from its tokenizer.json, as for folders from elsewhere (and re-saved exports)
+    if (tmp_path / "r50k" / "tokenizer.json").exists():
+        assert run_main(capsys, "--hf-dir", tmp_path / "r50k", *greedy).out == r50k_expected
 
 def folder_bytes(folder):
     return {p.name: p.read_bytes() for p in folder.iterdir()}

@@ -154,12 +154,19 @@ def test_ignore_index_and_inference_logits():
     assert torch.allclose(last[:, 0], logits[:, -1], atol=1e-6)
 
 @pytest.mark.parametrize("pos_emb", ["rope", "learned", "none"])
-@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
-@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu", "silu"])
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm", "none"])
 def test_ablations_run_forward_and_backward(pos_emb, mlp, norm):
     torch.manual_seed(0)
     model = Transformer(tiny_config(pos_emb=pos_emb, mlp=mlp, norm=norm, dropout=0.1))
     idx = torch.randint(0, 96, (2, 16))
+    block, x = model.layers[0], torch.randn(2, 5, 32)
+    act = {"gelu": F.gelu, "silu": F.silu}.get(mlp)
+    if act:  # no gate: down(act(up x)), 4C wide
+        assert block.mlp.up_proj.out_features == 128 and not hasattr(block.mlp, "gate_proj")
+        assert torch.allclose(block.mlp(x), block.mlp.down_proj(act(block.mlp.up_proj(x))), atol=1e-6)
+    if norm == "none":
+        assert torch.equal(block.input_layernorm(x), x) and torch.equal(model.norm(x), x)
     _, loss = model(idx, idx)
     loss.backward()
     for name, p in model.named_parameters():

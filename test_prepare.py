@@ -392,7 +392,8 @@ def test_presets_carry_the_folders_train_py_reads_and_flags_win():
     outs = {name: p["out"] for name, p in prepare.PRESETS.items()}
     assert outs == {"shakespeare": "data/shakespeare", "tinystories": "data/tinystories",
                     "fineweb-edu": "data/fineweb_edu", "openwebtext": "data/openwebtext",
-                    "shakespeare_chat": "data/shakespeare_chat"}
+                    "shakespeare_chat": "data/shakespeare_chat", "tinystories-10k": "data/tinystories_10k"}
+    assert prepare.PRESETS["tinystories-10k"]["vocab_size"] + 1 == 10000  # tinystories_23m's 10k ids
     # and the chat preset reuses the demo's tokenizer, for train.py's shakespeare_chat preset
     assert prepare.PRESETS["shakespeare_chat"]["tokenizer"] == "data/shakespeare"
     assert prepare.PRESETS["tinystories"]["vocab_size"] + 1 == 8192

@@ -186,7 +186,7 @@ ERRORS = {  # name: (arguments, with {d} for the folder of files bad_files write
     "not-a-number": (["--ckpt", "{d}/good.pt", *P, "--top-k", "many"], "'many' is not a valid int"),
     "unknown": (["--ckpt", "{d}/good.pt", *P, "--topk", "5"], "unknown setting '--topk'"),
     "hf-dir-broken": (["--hf-dir", "{d}/broken_hf", *P], "cannot load {d}/broken_hf as a Llama"),
-    "hf-dir-no-tokenizer": (["--hf-dir", "{d}/hf", *P], "name the tokenizer, e.g. --tokenizer r50k_base"),
+    "hf-dir-no-tokenizer": (["--hf-dir", "{d}/hf", *P], "has no tokenizer (tokenizer.json"),
     "hf-dir-wrong-tokenizer": (["--hf-dir", "{d}/hf", "--tokenizer", "r50k_base", *P], "wrong tokenizer?"),
 }
 
@@ -204,11 +204,12 @@ def bad_files(tmp_path_factory):
     (d / "broken_hf").mkdir()
     (d / "broken_hf" / "config.json").write_text("{}")
     (d / "broken_hf" / "model.safetensors").write_bytes(b"")
-    import export  # a good folder, minus our tokenizer spec
+    import export  # a good folder, minus any tokenizer (our spec and tokenizer.json)
     (d / "hf").mkdir()
     export.export_hf(*load_for_inference(good), d / "hf")
     config = json.loads((d / "hf" / "config.json").read_text())
     (d / "hf" / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "tiktoken_spec"}))
+    (d / "hf" / "tokenizer.json").unlink(missing_ok=True)
     return d
 
 @pytest.mark.parametrize("name", ERRORS)

@@ -379,3 +379,57 @@ def test_mixture_settings(byte_data, tmp_path, capsys):
     prepare_args = ["--input", str(SHAKESPEARE), "--out", str(r50k), "--num-proc", "1"]
     prepare.prepare(prepare.parse_settings(prepare_args), "test")
     assert "another tokenizer" in refused(capsys, f"--data={byte_data}:1,{r50k}:1", *tiny)
+
+def test_each_preset_builds_the_model_its_comment_claims():
+    # (total, without embeddings) in millions, as the presets' comments and the README say, with each
+    # preset's data vocabulary rounded up to a multiple of 64 as train.py does
+    claims = {"shakespeare_cpu": (4097, 1.27, 0.74), "lillm_39m": (8192, 39.6, 35.4),
+              "tinystories_23m": (10000, 22.7, 12.5), "llama3_220m": (50257, 219.3, 167.8),
+              "gpt2_51m": (50257, 51.0, 25.2), "lf_llm_269m": (50257, 269.6, 218.1),
+              "gpt2_small": (50257, 123.6, 85.0)}
+    assert set(claims) | {"shakespeare_chat"} == set(train_py.PRESETS)  # the chat preset is its base's model
+    model_keys = {f.name for f in train_py.fields(ModelConfig)}
+    for name, (vocab, total, body) in claims.items():
+        settings = {k: v for k, v in train_py.PRESETS[name].items() if k in model_keys}
+        settings.setdefault("vocab_size", 64 * -(-vocab // 64))
+        with torch.device("meta"):
+            model = Transformer(ModelConfig(**settings))
+        assert (round(model.num_params() / 1e6, 2 if total < 2 else 1),
+                round(model.num_params(embeddings=False) / 1e6, 2 if total < 2 else 1)) == (total, body), name
+
+@pytest.mark.slow
+def test_init_from_hf_starts_where_transformers_is(byte_data, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import tiktoken
+
+    import export
+    # a random Llama as transformers makes it (GQA, untied, another rope_theta), saved in shards, with
+    # GPT-2's tokenizer.json beside it as Hugging Face folders carry one
+    config = transformers.LlamaConfig(vocab_size=50304, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                      rope_theta=5e5, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    folder = tmp_path / "hf"
+    hf.save_pretrained(folder, max_shard_size="4MB")
+    assert (folder / "model.safetensors.index.json").exists()
+    enc = tiktoken.get_encoding("r50k_base")
+    export.write_hf_tokenizer(enc, enc.eot_token, 32, folder)
+    data = tmp_path / "data"
+    made = python("prepare.py", "--input", SHAKESPEARE, "--tokenizer", f"hf:{folder}", "--out", data)
+    assert made.returncode == 0, made.stderr
+    run = python("train.py", f"--data={data}", f"--out-dir={tmp_path / 'run'}", f"--init-from-hf={folder}",
+                 "--max-iters=1", "--batch-size=4", "--log-every=1", "--eval-batches=1", "--sample-tokens=0",
+                 "--dtype=float32", "--device=cpu", "--warmup-iters=0")
+    assert run.returncode == 0, run.stderr
+    assert f"init    weights of {folder}" in run.stdout
+    # the first step's loss is transformers' loss on the same batch
+    mix = train_py.Mixture(train_py.load_data(str(data)), "train", 32, seed=1337)
+    x, y = mix.batch(range(4), torch.device("cpu"))
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(hf(x).logits.flatten(0, 1), y.flatten()).item()
+    assert losses(tmp_path / "run")[0][1] == pytest.approx(ref, abs=1e-4)
+    # data from another tokenizer is refused
+    other = python("train.py", f"--data={byte_data}", f"--out-dir={tmp_path / 'other'}", f"--init-from-hf={folder}",
+                   "--max-iters=1", "--device=cpu")
+    assert_user_error(other, "another tokenizer")

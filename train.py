@@ -34,9 +34,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
-from common import (atomic_write, autocast, check, die, flag, gpu_peak_flops, load_checkpoint, load_tokenizer,
-                    lock, matmul_flops, model_from_checkpoint, one_line, parse_config, parse_flags, pick_device,
-                    pick_dtype, run_main, save_checkpoint, setting, tokenizer_fingerprint,
+from common import (atomic_write, autocast, check, die, flag, gpu_peak_flops, load_checkpoint, load_hf_folder,
+                    load_tokenizer, lock, matmul_flops, model_from_checkpoint, one_line, parse_config, parse_flags,
+                    pick_device, pick_dtype, run_main, save_checkpoint, setting, tokenizer_fingerprint,
                     tokenizer_from_checkpoint)
 from model import ModelConfig, Transformer
 from muon import Muon
@@ -54,6 +54,8 @@ class TrainConfig:
     ckpt: str = setting("", "the checkpoint --eval-only reads")
     init_from: str = setting("", "fine-tune: start from this checkpoint's weights and model settings (step 0, "
                              "a new optimizer)")
+    init_from_hf: str = setting("", "the same from a Hugging Face Llama folder (config.json, safetensors, "
+                                "tokenizer.json), e.g. SmolLM's or one export.py wrote")
     seed: int = setting(1337, "model init, data order and dropout all follow from it")
     # batch and length; the sequence length is the model's max_seq_len
     batch_size: int = setting(16, "sequences per micro-batch, per process")
@@ -119,8 +121,8 @@ MODEL_HELP = {  # --help for ModelConfig's fields (model.py says the same in com
     "rope_theta": "RoPE base (Llama 2: 1e4, Llama 3: 5e5)", "norm_eps": "RMSNorm epsilon",
     "tie_embeddings": "one matrix for the token embedding and the output head",
     "dropout": "attention and residual dropout (0 for pretraining)",
-    "pos_emb": "ablation: rope, learned or none", "mlp": "ablation: swiglu or gelu",
-    "norm": "ablation: rmsnorm or layernorm",
+    "pos_emb": "ablation: rope, learned or none", "mlp": "ablation: swiglu, gelu or silu (no gate)",
+    "norm": "ablation: rmsnorm, layernorm or none",
 }
 
 # Named groups of settings (TrainConfig and ModelConfig fields). The model's vocab_size defaults
@@ -143,6 +145,30 @@ PRESETS = {
                       max_seq_len=512, tie_embeddings=True, batch_size=64, batch_tokens=262144,
                       max_tokens=2_000_000_000, lr=1e-3, warmup_iters=500, data="data/tinystories",
                       out_dir="out/lillm_39m"),
+    # The TinyStories model of a CS336-style project (22.7M, 12.5M without embeddings): its own 10k
+    # byte-level BPE (prepare.py --preset tinystories-10k), untied head, d512, 4 layers, 16 heads,
+    # d_ff 1344, context 256, 32 x 256 tokens x 5000 steps = 41M tokens, warmup 2 %, cosine to lr/100.
+    # Its ablations are flags: --norm=none, --pos-emb=none, --mlp=silu|gelu (README: ablations).
+    "tinystories_23m": dict(n_layer=4, n_head=16, n_kv_head=16, n_embd=512, ffn_hidden=1344, max_seq_len=256,
+                            batch_size=32, max_iters=5000, lr=3e-3, warmup_iters=100, min_lr_ratio=0.01,
+                            eval_every=500, data="data/tinystories_10k", out_dir="out/tinystories_23m"),
+    # The ~220M Llama-3-shaped model of a "one GPU in one day" harness (219M, 168M without
+    # embeddings): GQA 16 q / 4 kv heads, SwiGLU, tied, GPT-2 tokens (vocab 50304), Muon + AdamW,
+    # warmup then a constant lr, on a web/text mixture; 20 tokens per parameter (4.4B). Its exact
+    # widths are not in our notes: d1024 x 16 layers, ffn 2560 gives its size with Llama 3's shape.
+    "llama3_220m": dict(n_layer=16, n_head=16, n_kv_head=4, n_embd=1024, ffn_hidden=2560, max_seq_len=2048,
+                        tie_embeddings=True, batch_size=8, batch_tokens=524288, max_tokens=4_400_000_000,
+                        optimizer="muon", muon_lr=0.02, lr=3e-3, warmup_iters=300, min_lr_ratio=1.0,
+                        eval_every=1000, hellaswag_every=2000, data="data/fineweb_edu:0.8,data/openwebtext:0.2",
+                        out_dir="out/llama3_220m"),
+    # The "$50" GPT-2-style model (51.0M, 25.2M without embeddings), sized by a Chinchilla IsoFLOP
+    # argument: N ~ 50M and D ~ 1.1B tokens for ~320 PFLOPs (python plan.py --flops=3.2e17). GPT-2's
+    # parts: learned positions, LayerNorm, GELU MLP, tied; d512, 8 layers, 8 heads, block 64. No
+    # biases (ours has none anywhere), so it has ~0.05M fewer parameters than the original.
+    "gpt2_51m": dict(n_layer=8, n_head=8, n_kv_head=8, n_embd=512, max_seq_len=64, tie_embeddings=True,
+                     pos_emb="learned", norm="layernorm", mlp="gelu", batch_size=512, batch_tokens=524288,
+                     max_tokens=1_100_000_000, lr=1e-3, warmup_iters=100, eval_every=250,
+                     data="data/fineweb_edu", out_dir="out/gpt2_51m"),
     # LF_LLM-269M: d1024, 16 layers, 16 heads, seq 2048, ~0.5M-token batches, lr 2.1e-3, 10B tokens.
     "lf_llm_269m": dict(n_layer=16, n_head=16, n_kv_head=16, n_embd=1024, ffn_hidden=3072, max_seq_len=2048,
                         tie_embeddings=True, batch_size=16, batch_tokens=524288, max_tokens=10_000_000_000,
@@ -433,14 +459,16 @@ def resolve_settings(given):
             die(f"{ckpt_path} has settings this train.py does not know ({', '.join(sorted(unknown))}); "
                 "use the code that wrote it")
         settings = {**ckpt["train_config"], **ckpt["model_config"], **given}
-    init = None
-    if settings.get("init_from") and ckpt is None:  # a resumed fine-tune has its weights in ckpt already
-        init = load_checkpoint(settings["init_from"])
+    init, source = None, settings.get("init_from") or settings.get("init_from_hf")
+    if source and ckpt is None:  # a resumed fine-tune has its weights in ckpt already
+        if settings.get("init_from") and settings.get("init_from_hf"):
+            die("give --init-from or --init-from-hf, not both")
+        init = load_checkpoint(source) if settings.get("init_from") else hf_as_checkpoint(source)
         # fine-tuning keeps the model; only dropout may change, and the vocabulary grow (new tokens)
         changed = [k for k, v in init["model_config"].items()
                    if k in given and given[k] != v and k not in ("dropout", "vocab_size")]
         if changed:
-            die(f"cannot change {', '.join(flag(k) for k in changed)} of {settings['init_from']}; drop them")
+            die(f"cannot change {', '.join(flag(k) for k in changed)} of {source}; drop them")
         settings = {**settings, **init["model_config"], **given}
     train_keys = {f.name for f in fields(TrainConfig)}
     cfg = parse_config(TrainConfig, {k: v for k, v in settings.items() if k in train_keys})
@@ -482,6 +510,11 @@ def check_resume(ckpt, path, enc, folder):
         if key not in ckpt:
             die(f"{path} has no {key} state, so it cannot be resumed exactly")
     check_tokenizer(ckpt, path, enc, folder)
+
+def hf_as_checkpoint(folder):
+    """--init-from-hf: a Hugging Face Llama folder as the parts of a checkpoint that --init-from uses."""
+    model, _, eot_id, spec = load_hf_folder(folder)
+    return {"model": model.state_dict(), "model_config": asdict(model.config), "tokenizer": spec, "eot_id": eot_id}
 
 def load_pretrained(model, init, path, enc):
     """--init-from: the checkpoint's weights into model. Rows of tokens its tokenizer lacks (chat.py's,
@@ -766,7 +799,7 @@ def main(argv):
     # --- Model, optimizer, data
     torch.manual_seed(cfg.seed)  # the same seed on every rank: every rank starts from the same init
     raw_model = model_from_checkpoint(ckpt, cfg.ckpt) if cfg.eval_only else Transformer(model_cfg)
-    init_note = load_pretrained(raw_model, init, cfg.init_from, enc) if init else None
+    init_note = load_pretrained(raw_model, init, cfg.init_from or cfg.init_from_hf, enc) if init else None
     raw_model.to(rt.device)
     # Compiled or not, raw_model is what gets saved: its state dict has no "_orig_mod." prefixes.
     compiled = torch.compile(raw_model) if rt.compile else raw_model
