@@ -19,13 +19,21 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent
+# Tiny Shakespeare and GPT-2's BPE ranks: from ../shared beside the repository where it exists (CI,
+# offline machines), else downloaded once (to data/downloads/, and tiktoken's own cache).
 SHARED = ROOT.parent / "shared"
-SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))  # the offline GPT-2 tokenizer
+if (SHARED / "tiktoken_cache").is_dir():
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
 torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation
 
-from common import save_checkpoint  # noqa: E402
+from common import download, save_checkpoint  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
+
+SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
+if not SHAKESPEARE.exists():
+    SHAKESPEARE = Path(download("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/"
+                                "input.txt", str(ROOT / "data" / "downloads" / "tinyshakespeare.txt"),
+                                "the tests need Tiny Shakespeare: put it at ../shared/data/tinyshakespeare.txt"))
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: starts scripts in subprocesses (deselect with -m 'not slow')")
@@ -146,8 +154,9 @@ TINY_RUN = ["--n-layer=2", "--n-embd=32", "--n-head=4", "--n-kv-head=2", "--max-
 
 def train(data, out, *args, torchrun=None, **kwargs):
     """python train.py (or torchrun with that many processes) on a tiny model -> CompletedProcess."""
-    launcher = ["train.py"] if torchrun is None else [
-        "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", "train.py"]
+    script = ROOT / "train.py"
+    launcher = [script] if torchrun is None else [
+        "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", script]
     return run([sys.executable, *launcher, f"--data={data}", f"--out-dir={out}", *TINY_RUN, *args], **kwargs)
 
 def losses(out):

@@ -65,7 +65,8 @@ def write_hf_tokenizer(enc, eot_id, max_seq_len, folder):
     chat_files = dict(eos_token=chat.TURN_END, chat_template=chat.JINJA_TEMPLATE) if chat.is_chat(enc) else {}
     # The plain fast tokenizer: LlamaTokenizerFast, chosen from config.json otherwise, prepends BOS.
     write_json(folder, "tokenizer_config.json", dict(tokenizer_class="PreTrainedTokenizerFast", bos_token=eot,
-               eos_token=eot, model_max_length=max_seq_len, clean_up_tokenization_spaces=False) | chat_files)
+               eos_token=eot, pad_token=eot, model_max_length=max_seq_len, clean_up_tokenization_spaces=False)
+               | chat_files)
 
 def write_json(folder, name, obj):
     with open(os.path.join(folder, name), "w") as f:
@@ -78,19 +79,29 @@ def export_hf(model, enc, eot_id, spec, folder):
         state, config = to_hf(model.state_dict(), model.config)
     except ValueError as e:
         die(f"cannot export: {e}; Hugging Face Llama has no such variant")
+    # The rows past the tokenizer's ids (train.py rounds the vocabulary up to a multiple of 64) are
+    # cut off: a sampler elsewhere could otherwise pick an id that stands for no text.
+    n = enc.n_vocab
+    state = {k: v[:n] if k in ("model.embed_tokens.weight", "lm_head.weight") else v for k, v in state.items()}
+    config = {**config, "vocab_size": n}
     if spec["kind"] == "bpe":  # the ranks go beside config.json rather than inside it
         with open(os.path.join(folder, "tokenizer.tiktoken"), "w") as f:
             f.write(ranks_text(sorted(enc._mergeable_ranks, key=enc._mergeable_ranks.get)))
         spec = {**{k: v for k, v in spec.items() if k not in ("ranks", "ranks_file")},
                 "ranks_file": "tokenizer.tiktoken"}
-    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, "model.safetensors"),
-              metadata={"format": "pt"})
+    weights = os.path.join(folder, "model.safetensors")
+    save_file({k: v.contiguous() for k, v in state.items()}, weights, metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(weights, 0o666 & ~umask)  # safetensors writes 0600; the folder's other files follow the umask
     # "torch_dtype" for transformers < 5, "dtype" for >= 5; tiktoken_spec is for sample.py --hf-dir.
-    write_json(folder, "config.json", {**config, "bos_token_id": eot_id, "eos_token_id": eot_id,
-                                       "torch_dtype": "float32", "dtype": "float32", "tiktoken_spec": spec})
+    # End-of-text pads too: batched pipelines need a pad token, and attention masks hide it.
+    ids = {"bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": eot_id}
+    write_json(folder, "config.json", {**config, **ids, "torch_dtype": "float32", "dtype": "float32",
+                                       "tiktoken_spec": spec})
     # generate() stops at any of these: end-of-text, and for a chat model the end of its turn
     stop = [eot_id, enc.encode_single_token(chat.TURN_END)] if chat.is_chat(enc) else eot_id
-    write_json(folder, "generation_config.json", {"bos_token_id": eot_id, "eos_token_id": stop})
+    write_json(folder, "generation_config.json", {**ids, "eos_token_id": stop})
     write_hf_tokenizer(enc, eot_id, model.config.max_seq_len, folder)
 
 def main(argv):

@@ -3,17 +3,21 @@ HellaSwag (Zellers et al. 2019): for a short scene, pick the right ending of fou
 model finds most likely. train.py runs it with --hellaswag-every=N and --eval-only.
 
 Data: hellaswag_val.jsonl from the authors' repository, 10,042 items, one JSON object per line
-with "ctx" (the scene so far), "endings" (4 strings) and "label" (0-3, the right one); the other
-fields are not used. It is downloaded once to data/hellaswag_val.jsonl.
+with "ctx" (the scene so far), "endings" (4 strings) and "label" (0-3, the right one); lm-eval's
+style also reads "activity_label", "ctx_a" and "ctx_b". It is downloaded once to
+data/hellaswag_val.jsonl.
 
 Scoring: each ending follows the context after a space; its score is the log-likelihood of its
-tokens. acc picks the highest sum, acc_norm (the headline) the highest mean per token, as
-build-nanogpt does; lm-eval divides by the ending's length in bytes instead, so its acc_norm is
-not the same number. Ties go to the first ending. What to expect (acc_norm): random 25 %, GPT-2
-124M about 29.5 %, LF_LLM-269M 35.6 % after 10B tokens.
+tokens. Three picks, as published tables use them: acc, the highest sum; acc_norm_tokens, the
+highest mean per token (build-nanogpt's acc_norm); acc_norm_chars, the highest sum per character
+of the ending (lm-eval's acc_norm). style="lm-eval" also prepares the text as lm-eval's hellaswag
+task does (activity label first, "[title]" and other bracketed tags removed), so acc and
+acc_norm_chars compare with its tables. Ties go to the first ending. What to expect
+(acc_norm_tokens): random 25 %, GPT-2 124M about 29.5 %, LF_LLM-269M 35.6 % after 10B tokens.
 """
 import json
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -23,15 +27,16 @@ from common import die, download
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 DEFAULT_PATH = os.path.join("data", "hellaswag_val.jsonl")
 
-def get_items(path="", limit=0, rank=0, world=1):
-    """The items to score: from path, or (empty path) downloaded once by rank 0 while the others wait."""
+def get_items(path="", limit=0, rank=0, world=1, style="nanogpt"):
+    """The items to score, in the style's text: from path, or (empty path) downloaded once by rank 0
+    while the others wait."""
     if not path:
         path = DEFAULT_PATH
         if rank == 0:
             download(URL, path, "pass a local copy with --hellaswag-path=FILE")
         if world > 1:
             dist.barrier()
-    return load_items(path, limit)
+    return [styled(item, style) for item in load_items(path, limit)]
 
 def load_items(path, limit=0):
     """The items of a hellaswag .jsonl file (the first `limit` if > 0), each checked."""
@@ -60,15 +65,30 @@ def load_items(path, limit=0):
         die(f"{path} holds no items; use the official hellaswag_val.jsonl")
     return items
 
+def lm_eval_text(text):
+    """lm-eval's hellaswag preprocessing of one string (WikiHow's "[title]" becomes a sentence end,
+    other bracketed tags go)."""
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+def styled(item, style):
+    """The item with its context and endings as the style scores them."""
+    if style == "lm-eval" and all(isinstance(item.get(k), str) for k in ("activity_label", "ctx_a", "ctx_b")):
+        ctx = item["activity_label"] + ": " + item["ctx_a"] + " " + item["ctx_b"].capitalize()
+        return {**item, "ctx": lm_eval_text(ctx), "endings": [lm_eval_text(e) for e in item["endings"]]}
+    return item
+
 @torch.no_grad()
 def score(model, enc, items, device, autocast, max_len, items_per_batch=8):
-    """Log-likelihood of each item's 4 endings given its context -> (sum, mean per token), each
-    (n_items, 4) in float64. A row too long for the model loses context tokens from the left."""
-    sums, means = [], []
+    """Log-likelihood of each item's 4 endings given its context -> (sum, mean per token, sum per
+    character), each (n_items, 4) in float64. A row too long for the model loses context tokens
+    from the left."""
+    sums, means, per_char = [], [], []
     for start in range(0, len(items), items_per_batch):
-        rows, spans = [], []  # token rows, and where each row's ending starts and ends
+        rows, spans, chars = [], [], []  # token rows, where each row's ending is, its characters
         for item in items[start:start + items_per_batch]:
             ctx = enc.encode_ordinary(item["ctx"])
+            chars += [max(1, len(e)) for e in item["endings"]]
             for ending in item["endings"]:
                 end = enc.encode_ordinary(" " + ending)
                 row = (ctx + end)[-(max_len + 1):]
@@ -88,21 +108,23 @@ def score(model, enc, items, device, autocast, max_len, items_per_batch=8):
         total = logp.sum(dim=1)
         sums.append(total.view(-1, 4).cpu())
         means.append((total / n).view(-1, 4).cpu())
-    return torch.cat(sums), torch.cat(means)
+        per_char.append((total.cpu() / torch.tensor(chars, dtype=torch.float64)).view(-1, 4))
+    return torch.cat(sums), torch.cat(means), torch.cat(per_char)
 
 def evaluate(model, enc, items, device, autocast, max_len, rank=0, world=1):
-    """acc and acc_norm over items, each rank scoring every world-th item, counts summed across ranks."""
+    """acc, acc_norm_tokens and acc_norm_chars over items, each rank scoring every world-th item,
+    counts summed across ranks."""
     mine = items[rank::world]
     was_training = model.training
     model.eval()
-    counts = torch.zeros(3, device=device)  # (right by acc, right by acc_norm, items)
+    counts = torch.zeros(4, device=device)  # (right by each of the three picks, items)
     if mine:
-        sums, means = score(model, enc, mine, device, autocast, max_len)
         labels = torch.tensor([int(item["label"]) for item in mine])
-        right, right_norm = (sums.argmax(1) == labels).sum().item(), (means.argmax(1) == labels).sum().item()
-        counts += torch.tensor([right, right_norm, len(mine)], device=device)
+        scores = score(model, enc, mine, device, autocast, max_len)
+        counts += torch.tensor([(s.argmax(1) == labels).sum().item() for s in scores] + [len(mine)], device=device)
     if world > 1:
         dist.all_reduce(counts)
     model.train(was_training)
-    right, right_norm, n = counts.tolist()
-    return {"hellaswag_acc": right / n, "hellaswag_acc_norm": right_norm / n, "hellaswag_items": int(n)}
+    right, right_tokens, right_chars, n = counts.tolist()
+    return {"hellaswag_acc": right / n, "hellaswag_acc_norm_tokens": right_tokens / n,
+            "hellaswag_acc_norm_chars": right_chars / n, "hellaswag_items": int(n)}

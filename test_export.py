@@ -156,3 +156,20 @@ def test_a_chat_model_exports_its_template_and_answers_in_transformers_as_in_sam
     out = run_main(capsys, "--ckpt", ckpt, "--chat", "--system", system[0]["content"], "--temperature", 0,
                    "--max-new-tokens", 25).out
     assert out == f"> {turns[0]['content']}\n" + tok.decode(theirs, skip_special_tokens=True) + "\n"
+
+def test_padded_rows_are_cut_and_files_are_readable(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    # train.py rounds the vocabulary up to a multiple of 64: rows no token stands for
+    ckpt = write_checkpoint(tmp_path / "ckpt.pt", SMALL_BPE, SMALL_EOT, vocab_size=SMALL_EOT + 1 + 63)
+    export_main("--ckpt", ckpt, "--out", tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.vocab_size == SMALL_EOT + 1 and hf.config.pad_token_id == SMALL_EOT
+    model, enc, _, _ = load_for_inference(ckpt)
+    idx = torch.tensor([enc.encode("and the hell you")])
+    with torch.no_grad():
+        ours = model(idx, torch.zeros_like(idx))[0][0, :, :SMALL_EOT + 1]
+        assert torch.allclose(hf(idx).logits[0], ours, atol=1e-5)  # the same model on every real id
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tok.pad_token_id == SMALL_EOT
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "hf").iterdir()}
+    assert len(set(modes.values())) == 1, modes  # model.safetensors as readable as the rest

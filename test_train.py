@@ -9,6 +9,7 @@ runs as a subprocess, as a user starts it (marked slow).
 """
 import collections
 import json
+import math
 import os
 import resource
 import shutil
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -112,6 +114,13 @@ def test_loss_falls_and_checkpoint_loads_with_weights_only(byte_data, tmp_path):
     assert "sample:\n  | " in out and "\\x" not in out.split("eval step 40")[1].split("done:")[0].replace(
         "\\x", "") and f"python sample.py --ckpt {tmp_path / 'run' / 'best.pt'}" in out
     assert "done: 40 steps" in out and f"best val loss {min(vals):.4f}" in out
+    # --eval-only offline, with no HellaSwag file at hand: the val loss and bits per byte, no download
+    offline = {"NO_PROXY": "*", "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+    again = train(byte_data, tmp_path / "run", "--eval-only", f"--ckpt={tmp_path / 'run' / 'best.pt'}",
+                  cwd=tmp_path, env=offline)
+    assert again.returncode == 0, again.stderr
+    assert f"val_loss {min(vals):.4f}" in again.stdout and "val_bpb" in again.stdout
+    assert "hellaswag" not in again.stdout and not (tmp_path / "data").exists()
 
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_resume_continues(byte_data, tmp_path):
@@ -433,3 +442,22 @@ def test_init_from_hf_starts_where_transformers_is(byte_data, tmp_path):
     other = python("train.py", f"--data={byte_data}", f"--out-dir={tmp_path / 'other'}", f"--init-from-hf={folder}",
                    "--max-iters=1", "--device=cpu")
     assert_user_error(other, "another tokenizer")
+
+def test_bits_per_byte_against_a_direct_count(byte_data):
+    # byte-level data: every token but <|endoftext|> is one byte, so bpb = the loss on those targets / ln 2
+    meta = train_py.load_data(str(byte_data))
+    enc, _ = train_py.tokenizer_of(meta)
+    val = train_py.Mixture(meta, "val", 32, seed=0)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=320, n_layer=1, n_head=2, n_kv_head=1, n_embd=16, max_seq_len=32,
+                                    multiple_of=16))
+    cfg = train_py.TrainConfig(max_iters=1, batch_size=4, eval_batches=3)
+    rt = train_py.Runtime(ddp=False, rank=0, local_rank=0, world=1, device=torch.device("cpu"), amp=nullcontext())
+    record = train_py.evaluate_val(model, val, enc, cfg, rt)
+    x, y = val.windows[0].batch(range(12), rt.device)
+    with torch.no_grad():
+        losses = torch.nn.functional.cross_entropy(model(x, y)[0].flatten(0, 1), y.flatten(), reduction="none")
+    text = y.flatten() != enc.eot_token
+    assert record["val_loss"] == pytest.approx(losses.mean().item(), rel=1e-5)
+    assert record["val_bpb"] == pytest.approx((losses[text].sum() / text.sum() / math.log(2)).item(), rel=1e-5)
+    assert train_py.token_bytes(enc, rt.device).tolist() == [1.0] * 256 + [0.0]

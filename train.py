@@ -17,6 +17,7 @@ Settings are the fields of TrainConfig (below) and ModelConfig (model.py) as --n
 The file reads top to bottom: settings and presets, the data loader, evaluation, then main():
 settings -> runtime (processes, device, precision) -> model, optimizer, data -> the loop -> the end.
 """
+import functools
 import gc
 import json
 import math
@@ -82,6 +83,8 @@ class TrainConfig:
     hellaswag_every: int = setting(0, "HellaSwag accuracy every N steps and at the end; 0 = never")
     hellaswag_path: str = setting("", "local hellaswag_val.jsonl; empty = download once to data/")
     hellaswag_items: int = setting(0, "score only the first N items (quick checks); 0 = all 10,042")
+    hellaswag_style: str = setting("nanogpt", "nanogpt: the text as given; lm-eval: as lm-eval prepares it, to "
+                                   "compare acc and acc_norm_chars with its tables")
     wandb: bool = setting(False, "also log to Weights & Biases (pip install wandb)")
     wandb_project: str = setting("llama-from-scratch", "the wandb project")
     # system
@@ -97,6 +100,8 @@ class TrainConfig:
         check(self.compile in ("auto", "true", "false"),
               f"--compile={self.compile} must be auto, true or false")
         check(self.optimizer in ("adamw", "muon"), f"--optimizer={self.optimizer} must be adamw or muon")
+        check(self.hellaswag_style in ("nanogpt", "lm-eval"),
+              f"--hellaswag-style={self.hellaswag_style} must be nanogpt or lm-eval")
         for name in ("batch_size", "eval_every", "eval_batches", "log_every"):
             check(getattr(self, name) > 0, f"{flag(name)}={getattr(self, name)} must be positive")
         for name in ("seed", "lr", "batch_tokens", "max_iters", "max_tokens", "warmup_iters", "weight_decay",
@@ -402,31 +407,55 @@ class EpochOrder:
         return self.cache[epoch][g % self.n]
 
 # --- Evaluation -----------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4)
+def token_bytes(enc, device):
+    """(V,) the UTF-8 bytes each token id of enc stands for; 0 for special tokens and unused ids."""
+    specials = set(enc._special_tokens.values())
+    lengths = []
+    for i in range(enc.n_vocab):
+        try:
+            lengths.append(0 if i in specials else len(enc.decode_single_token_bytes(i)))
+        except KeyError:  # a gap in the ranks
+            lengths.append(0)
+    return torch.tensor(lengths, dtype=torch.float64, device=device)
+
 @torch.no_grad()
-def evaluate_loss(model, windows, cfg, rt):
-    """Mean loss over the fixed validation set (the first eval_batches * batch_size windows),
-    spread over the ranks and summed across them, so it does not depend on the world size."""
+def evaluate_loss(model, windows, cfg, rt, nbytes):
+    """(mean loss, bits per byte) over the fixed validation set (the first eval_batches * batch_size
+    windows), spread over the ranks and summed across them, so it does not depend on the world size.
+    Bits per byte (nanochat's measure) do not depend on the tokenizer: the loss of the targets that
+    stand for text, in bits, over the bytes of that text; nbytes (V,) gives each id's bytes."""
     model.eval()
     ids = np.arange(min(windows.n, cfg.eval_batches * cfg.batch_size))[rt.rank::rt.world]
-    total = torch.zeros(2, device=rt.device)  # (sum of token losses, number of tokens)
+    total = torch.zeros(4, dtype=torch.float64, device=rt.device)  # (loss sum, targets, loss on text, bytes)
     for i in range(0, len(ids), cfg.batch_size):
         x, y = windows.batch(ids[i:i + cfg.batch_size], rt.device)
         with rt.amp:
-            loss, count = masked_loss(model, x, y)
-        total += torch.stack([loss.float() * count, count.float()])
+            _, losses = model(x, y, reduction="none")                               # (B, T), 0 where y = -1
+        text = nbytes[y.clamp(min=0)] * (y >= 0)                                    # (B, T) bytes per target
+        total += torch.stack([losses.double().sum(), (y >= 0).sum().double(),
+                              (losses.double() * (text > 0)).sum(), text.sum()])
     if rt.world > 1:
         dist.all_reduce(total)
     model.train()
-    return (total[0] / total[1]).item()
+    return (total[0] / total[1]).item(), (total[2] / (math.log(2) * total[3])).item()
 
-def evaluate_val(model, val, cfg, rt):
-    """{"val_loss": the mixture's (its sources' losses by weight), "val_loss[FOLDER]": each source's
-    when there are several}."""
-    losses = [evaluate_loss(model, windows, cfg, rt) for windows in val.windows]
-    record = {"val_loss": sum(w * loss for w, loss in zip(val.weights, losses))}
-    if len(losses) > 1:
-        record |= {f"val_loss[{name}]": loss for name, loss in zip(val.names, losses)}
+def evaluate_val(model, val, enc, cfg, rt):
+    """{"val_loss": the mixture's (its sources' losses by weight), "val_bpb": the same in bits per
+    byte, "val_loss[FOLDER]": each source's when there are several}."""
+    nbytes = token_bytes(enc, rt.device)
+    results = [evaluate_loss(model, windows, cfg, rt, nbytes) for windows in val.windows]
+    record = {"val_loss": sum(w * loss for w, (loss, _) in zip(val.weights, results)),
+              "val_bpb": sum(w * bpb for w, (_, bpb) in zip(val.weights, results))}
+    if len(results) > 1:
+        record |= {f"val_loss[{name}]": loss for name, (loss, _) in zip(val.names, results)}
     return record
+
+def eval_line(record):
+    """The console line of an evaluation: loss, perplexity, bits per byte, HellaSwag, each source's loss."""
+    shown = ("val_bpb", "hellaswag_acc", "val_loss[")
+    return (f"eval step {record['step']} | val loss {record['val_loss']:.4f} | ppl {record['val_ppl']:.2f} | " +
+            " | ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(shown)))
 
 def sample_text(model, enc, eot_id, n_tokens, seed, rt):
     """A seeded sample from the start of a document, as printable text (control bytes escaped)."""
@@ -476,7 +505,8 @@ def resolve_settings(given):
     need_data = not cfg.eval_only or all(os.path.isfile(os.path.join(folder, "meta.json"))
                                          for folder, _ in data_sources(cfg.data))
     meta = load_data(cfg.data) if need_data else None
-    if meta and (not model_settings.get("vocab_size") or init and meta["vocab_size"] > model_settings["vocab_size"]):
+    grow = init and meta and meta["vocab_size"] > model_settings["vocab_size"]  # new tokens for a fine-tune
+    if meta and (not model_settings.get("vocab_size") or grow):
         model_settings["vocab_size"] = 64 * math.ceil(meta["vocab_size"] / 64)  # a multiple of 64: faster matmuls
     model_cfg = parse_config(ModelConfig, model_settings)
     if meta and meta["vocab_size"] > model_cfg.vocab_size:
@@ -723,13 +753,21 @@ def evaluate_only(cfg, model, ckpt, meta, rt):
     enc = tokenizer_from_checkpoint(ckpt, cfg.ckpt, model.config.vocab_size)
     if meta is not None:
         check_tokenizer(ckpt, cfg.ckpt, tokenizer_of(meta)[0], cfg.data)
-    items = hellaswag.get_items(cfg.hellaswag_path, cfg.hellaswag_items, rt.rank, rt.world)
+    # HellaSwag when asked for, or when its file is at hand: an offline machine still gets the val loss
+    wanted = (cfg.hellaswag_path or cfg.hellaswag_items or cfg.hellaswag_every
+              or os.path.isfile(hellaswag.DEFAULT_PATH))
+    items = (hellaswag.get_items(cfg.hellaswag_path, cfg.hellaswag_items, rt.rank, rt.world, cfg.hellaswag_style)
+             if wanted else [])
+    if meta is None and not items:
+        die(f"nothing to evaluate: no data at --data={cfg.data} and no HellaSwag asked for (--hellaswag-items=N "
+            "downloads it)")
     record = {"step": ckpt["step"], "eval_only": cfg.ckpt}
     if meta is not None:
-        record |= evaluate_val(model, Mixture(meta, "val", model.config.max_seq_len, cfg.seed), cfg, rt)
+        record |= evaluate_val(model, Mixture(meta, "val", model.config.max_seq_len, cfg.seed), enc, cfg, rt)
         record["val_ppl"] = perplexity(record["val_loss"])
     T = model.config.max_seq_len
-    record |= hellaswag.evaluate(model, enc, items, rt.device, rt.amp, T, rt.rank, rt.world)
+    if items:
+        record |= hellaswag.evaluate(model, enc, items, rt.device, rt.amp, T, rt.rank, rt.world)
     log = RunLog(os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "log.jsonl"), rt.master)
     log.print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
     log.record(record)
@@ -748,7 +786,8 @@ def print_plan(log, cfg, model, rt, train, val, tokenizer, step, max_iters, batc
                   f"{val_windows.n * T / 1e6:,.2f}M val, tokenizer {tokenizer['name']}; "
                   f"{total * weight / (windows.n * T):.2f} epochs in this run")
     log.print(f"plan    {f'from step {step} to ' if step else ''}{max_iters} steps x {batch_tokens:,} "
-              f"tokens = {total / 1e6:,.1f}M tokens ({total / n_params:.1f} per parameter; Chinchilla-optimal ~20), "
+              f"tokens = {total / 1e6:,.1f}M tokens ({total / n_params:.1f} per parameter; Chinchilla-optimal "
+              "~20), "
               f"{model.flops_per_token(T) * total:.2e} FLOPs")
     name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu"
     log.print(f"runtime {rt.device} ({name}), "
@@ -816,7 +855,7 @@ def main(argv):
     if rt.ddp:
         model = DDP(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
     train, val = (Mixture(meta, split, T, cfg.seed) for split in ("train", "val"))
-    items = hellaswag.get_items(cfg.hellaswag_path, cfg.hellaswag_items, rt.rank, rt.world) \
+    items = hellaswag.get_items(cfg.hellaswag_path, cfg.hellaswag_items, rt.rank, rt.world, cfg.hellaswag_style) \
         if cfg.hellaswag_every else None  # loaded (and checked) now, not after hours of training
     paths = {name: os.path.join(cfg.out_dir, name) for name in ("ckpt.pt", "best.pt", "log.jsonl", "loss.png")}
     log = RunLog(paths["log.jsonl"], rt.master, cfg, model_cfg)
@@ -835,7 +874,7 @@ def main(argv):
         due = step % cfg.eval_every == 0 and (step > start_step or step == 0)
         evaluate = not stopped and (last_step or due)
         if evaluate:
-            vals = evaluate_val(compiled, val, cfg, rt)  # the mixture's, and each source's
+            vals = evaluate_val(compiled, val, enc, cfg, rt)  # the mixture's, and each source's
             val_loss = vals["val_loss"]
             if not math.isfinite(val_loss):  # the last update broke the weights: do not save them
                 exit_code, why = 1, f"validation loss is {val_loss}"
@@ -844,8 +883,7 @@ def main(argv):
                       "elapsed": time.time() - t_start}
             if items and (last_step or step % cfg.hellaswag_every == 0):
                 record |= hellaswag.evaluate(compiled, enc, items, rt.device, rt.amp, T, rt.rank, rt.world)
-            log.print(f"eval step {step} | val loss {val_loss:.4f} | ppl {record['val_ppl']:.2f}" +
-                      "".join(f" | {k} {v:.4f}" for k, v in record.items() if k.startswith(("hellaswag_acc", "val_loss["))))
+            log.print(eval_line(record))
             log.record(record)
             if rt.master and cfg.sample_tokens:  # from the uncompiled model: decoding shapes vary
                 text = sample_text(raw_model, enc, meta["eot_id"], cfg.sample_tokens, cfg.seed, rt)
