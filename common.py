@@ -222,6 +222,11 @@ def gpu_peak_flops(device):
     return next((flops for key, flops in PEAK_FLOPS if key in name), 0.0) if name else 0.0
 
 # --- Tokenizers: a tiktoken encoding by name, or BPE ranks in tiktoken's file format --------------
+# GPT-2's pre-tokenizer: contractions, letter runs, digit runs and punctuation runs (each taking one
+# leading space), then whitespace. BPE never merges across these pieces. prepare.py's BPE uses it, and
+# llama.cpp knows it as the "gpt-2" pre-tokenizer.
+GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
 def load_tokenizer(spec, folder=None):
     """The tiktoken.Encoding of a tokenizer spec (meta.json's "tokenizer"): {"kind": "tiktoken",
     "name"} (plus "special_tokens" to add, if any), or {"kind": "bpe", "name", "pat_str",
@@ -441,7 +446,7 @@ def tokenizer_from_hf(folder):
         steps = spec["pre_tokenizer"].get("pretokenizers") or [spec["pre_tokenizer"]]
         splits = [p["pattern"]["Regex"] for p in steps
                   if p.get("type") == "Split" and "Regex" in p.get("pattern", {})]
-        pattern = splits[0] if splits else tiktoken.get_encoding("r50k_base")._pat_str
+        pattern = splits[0] if splits else GPT2_PAT
         if any(p.get("type") == "Digits" and p.get("individual_digits") for p in steps):  # SmolLM's
             pattern = pattern.replace(r" ?\p{N}+", r"\p{N}")  # each digit its own piece
         byte_of = {c: b for b, c in bytes_to_unicode().items()}
@@ -487,10 +492,13 @@ def load_hf_folder(folder, tokenizer_name=""):
         model.load_state_dict(state)  # copies into the fp32 parameters, whatever the file's dtype
     except Exception as e:
         die(f"cannot load {folder} as a Llama (config.json + model.safetensors): {one_line(e)}")
+    ours = hf_config.get("tiktoken_spec")  # a transformers re-save keeps it, but not the ranks file beside it
+    if not (isinstance(ours, dict) and os.path.exists(os.path.join(folder, ours.get("ranks_file", "")))):
+        ours = None
     if tokenizer_name:
         spec = {"kind": "tiktoken", "name": tokenizer_name}
-    elif isinstance(hf_config.get("tiktoken_spec"), dict):
-        spec = hf_config["tiktoken_spec"]
+    elif ours:
+        spec = ours
     elif os.path.exists(os.path.join(folder, "tokenizer.json")):
         spec = tokenizer_from_hf(folder)
     else:
@@ -500,7 +508,7 @@ def load_hf_folder(folder, tokenizer_name=""):
         enc = load_tokenizer(spec, folder)
     except Exception as e:
         die(f"cannot build the tokenizer of {folder} from {json.dumps(spec)[:80]}: {one_line(e)}")
-    eot_id = enc.eot_token if tokenizer_name or "tiktoken_spec" not in hf_config else hf_config.get("eos_token_id")
+    eot_id = hf_config.get("eos_token_id") if ours and not tokenizer_name else enc.eot_token
     if enc.n_vocab > cfg.vocab_size or not isinstance(eot_id, int) or not 0 <= eot_id < enc.n_vocab:
         die(f"{folder}: the tokenizer has {enc.n_vocab} ids and end-of-text {eot_id}, the model "
             f"vocab_size={cfg.vocab_size}; wrong tokenizer?")

@@ -39,9 +39,7 @@ import common
 from common import check, die, flag, one_line, setting
 
 EOT = "<|endoftext|>"
-# GPT-2's pre-tokenizer: contractions, letter runs, digit runs and punctuation runs (each taking one leading
-# space), then whitespace. BPE never merges across these pieces. The BPE trained here uses it too.
-GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT2_PAT = common.GPT2_PAT  # GPT-2's pre-tokenizer; the BPE trained here uses it too
 SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 
 # --- Settings -------------------------------------------------------------------------------------

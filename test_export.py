@@ -173,3 +173,68 @@ def test_padded_rows_are_cut_and_files_are_readable(tmp_path, capsys):
     assert tok.pad_token_id == SMALL_EOT
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "hf").iterdir()}
     assert len(set(modes.values())) == 1, modes  # model.safetensors as readable as the rest
+
+@pytest.mark.parametrize("spec", ["r50k", "bpe"])
+def test_gguf_holds_our_weights_and_tokenizer(tmp_path, capsys, spec):
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    import common
+    if spec == "r50k":
+        ckpt = write_checkpoint(tmp_path / "ckpt.pt", R50K, R50K_EOT, n_kv_head=2)
+    else:  # a BPE with GPT-2's split pattern, as prepare.py trains, padded as train.py pads
+        bpe = {**SMALL_BPE, "pat_str": common.GPT2_PAT}
+        ckpt = write_checkpoint(tmp_path / "ckpt.pt", bpe, SMALL_EOT, n_kv_head=2, vocab_size=SMALL_EOT + 64)
+    export_main("--ckpt", ckpt, "--gguf", "f32", "--out", tmp_path / "m.gguf")
+    model, enc, eot, _ = load_for_inference(ckpt)
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+
+    def field(key):
+        f = reader.fields[key]
+        values = [f.parts[i] for i in f.data]
+        return [bytes(v).decode() for v in values] if f.types[0] == gguf.GGUFValueType.STRING or (
+            f.types[0] == gguf.GGUFValueType.ARRAY and f.types[-1] == gguf.GGUFValueType.STRING) else \
+            [v.tolist()[0] for v in values]
+    mc = model.config
+    expect = {"general.architecture": ["llama"], "llama.context_length": [mc.max_seq_len],
+              "llama.attention.head_count": [mc.n_head], "llama.attention.head_count_kv": [2],
+              "llama.rope.freq_base": [mc.rope_theta], "llama.embedding_length": [mc.n_embd],
+              "llama.block_count": [mc.n_layer], "tokenizer.ggml.model": ["gpt2"], "tokenizer.ggml.pre": ["gpt-2"],
+              "tokenizer.ggml.eos_token_id": [eot], "tokenizer.ggml.bos_token_id": [eot]}
+    for key, value in expect.items():
+        assert field(key) == pytest.approx(value) if isinstance(value[0], float) else field(key) == value, key
+    assert field("llama.attention.layer_norm_rms_epsilon")[0] == pytest.approx(mc.norm_eps)
+    tokens = field("tokenizer.ggml.tokens")
+    assert len(tokens) == enc.n_vocab and tokens[eot] == "<|endoftext|>"
+    char = common.bytes_to_unicode()  # each token's bytes, in GPT-2's visible characters
+    assert all(tokens[i] == "".join(char[b] for b in enc.decode_single_token_bytes(i)) for i in range(0, eot, 7))
+    # the tensors: our weights, q and k in the interleaved RoPE layout, the padded rows cut
+    tensors = {t.name: np.array(t.data) for t in reader.tensors}
+    state = model.state_dict()
+    assert np.array_equal(tensors["token_embd.weight"], state["embed_tokens.weight"][:enc.n_vocab].numpy())
+    q = state["layers.1.self_attn.q_proj.weight"].numpy()
+    D = mc.head_dim
+    heads = q.reshape(mc.n_head, D, -1)
+    interleaved = np.stack([heads[:, :D // 2], heads[:, D // 2:]], axis=2).reshape(q.shape)  # rows i, i + D/2 paired
+    assert np.array_equal(tensors["blk.1.attn_q.weight"], interleaved)
+    assert np.array_equal(tensors["blk.0.ffn_down.weight"], state["layers.0.mlp.down_proj.weight"].numpy())
+    assert ("output.weight" in tensors) == (not mc.tie_embeddings)
+
+def test_gguf_refuses_a_tokenizer_llama_cpp_cannot_split(tmp_path):
+    pytest.importorskip("gguf")
+    result = python("export.py", "--ckpt", write_checkpoint(tmp_path / "ckpt.pt", SMALL_BPE, SMALL_EOT), "--gguf",
+                    "f16", "--out", tmp_path / "m.gguf")
+    assert_user_error(result, "splits text another way")
+    assert not (tmp_path / "m.gguf").exists()
+
+def test_an_export_resaved_by_transformers_still_samples_like_the_checkpoint(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    ckpt = write_checkpoint(tmp_path / "ckpt.pt", SMALL_BPE, SMALL_EOT, seed=4)
+    export_main("--ckpt", ckpt, "--out", tmp_path / "hf")
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):  # no tiktoken files left
+        cls.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "resaved")
+    assert not (tmp_path / "resaved" / "tokenizer.tiktoken").exists()
+    greedy = ["--prompt", "and the hell", "--max-new-tokens", 20, "--temperature", 0]
+    capsys.readouterr()
+    expected = run_main(capsys, "--ckpt", ckpt, *greedy).out
+    assert run_main(capsys, "--hf-dir", tmp_path / "resaved", *greedy).out == expected
