@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # --- Config ---------------------------------------------------------------------------------------
 @dataclass
@@ -196,6 +197,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:  # one (V, C) matrix both embeds and unembeds (GPT-2, small Llamas)
             self.lm_head.weight = self.embed_tokens.weight
+        self.checkpointing = False  # activation checkpointing (train.py --activation-checkpointing)
         # Not persistent: derived from the config, and the state dict stays exactly HF's. Keep the
         # model in fp32 under autocast: model.to(torch.bfloat16) would round these tables too.
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
@@ -226,7 +228,10 @@ class Transformer(nn.Module):
             x = x + self.embed_positions(torch.arange(pos, pos + T, device=idx.device))  # (B, T, C)
         cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]                 # (T, D)
         for layer in self.layers:
-            x = layer(x, cos, sin, pos)
+            if self.checkpointing and torch.is_grad_enabled():  # keep only the block's input; redo it in backward
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, pos, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, pos)
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None                                      # (B, 1, V)

@@ -282,3 +282,24 @@ def test_sampling_with_a_seeded_generator_repeats():
     runs = [model.generate(prompt, 30, temperature=1.0, top_k=20,
                            generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8)]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+def test_activation_checkpointing_gives_the_same_gradients_and_keeps_less(monkeypatch):
+    def run(checkpointing):
+        torch.manual_seed(0)
+        model = Transformer(tiny_config(n_layer=3, dropout=0.1))  # dropout: the recomputation must redraw it alike
+        model.checkpointing = checkpointing
+        idx = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(1))
+        saved = []  # bytes of every tensor kept for the backward pass
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+        torch.manual_seed(2)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            _, loss = model(idx, idx)
+        loss.backward()
+        return loss.item(), [p.grad for p in model.parameters()], sum(saved)
+    plain, kept = run(False), run(True)
+    assert kept[0] == pytest.approx(plain[0], abs=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain[1], kept[1]))
+    assert kept[2] < 0.5 * plain[2], (kept[2], plain[2])

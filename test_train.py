@@ -461,3 +461,11 @@ def test_bits_per_byte_against_a_direct_count(byte_data):
     assert record["val_loss"] == pytest.approx(losses.mean().item(), rel=1e-5)
     assert record["val_bpb"] == pytest.approx((losses[text].sum() / text.sum() / math.log(2)).item(), rel=1e-5)
     assert train_py.token_bytes(enc, rt.device).tolist() == [1.0] * 256 + [0.0]
+
+@pytest.mark.slow
+def test_activation_checkpointing_trains_the_same(byte_data, tmp_path):
+    runs = [train(byte_data, tmp_path / name, "--max-iters=4", "--dropout=0.1", *flags)
+            for name, flags in [("plain", []), ("recomputed", ["--activation-checkpointing"])]]
+    assert all(r.returncode == 0 for r in runs), runs[1].stderr
+    plain, recomputed = losses(tmp_path / "plain"), losses(tmp_path / "recomputed")
+    assert len(plain) == 4 and max(abs(a[1] - b[1]) for a, b in zip(plain, recomputed)) <= 1e-5

@@ -91,6 +91,8 @@ class TrainConfig:
     device: str = setting("auto", "auto (cuda > mps > cpu), cpu, cuda or mps; under torchrun cuda:LOCAL_RANK")
     dtype: str = setting("auto", "autocast dtype: auto, float32, bfloat16 or float16; weights stay fp32")
     compile: str = setting("auto", "torch.compile the model: auto (on for CUDA), true or false")
+    activation_checkpointing: bool = setting(False, "recompute each block in the backward pass instead of keeping "
+                                             "its activations: far less memory, one more forward pass")
     peak_flops: float = setting(0.0, "per-device peak FLOP/s for MFU; 0 = the GPU's from common.PEAK_FLOPS")
 
     def __post_init__(self):
@@ -839,6 +841,7 @@ def main(argv):
     torch.manual_seed(cfg.seed)  # the same seed on every rank: every rank starts from the same init
     raw_model = model_from_checkpoint(ckpt, cfg.ckpt) if cfg.eval_only else Transformer(model_cfg)
     init_note = load_pretrained(raw_model, init, cfg.init_from or cfg.init_from_hf, enc) if init else None
+    raw_model.checkpointing = cfg.activation_checkpointing
     raw_model.to(rt.device)
     # Compiled or not, raw_model is what gets saved: its state dict has no "_orig_mod." prefixes.
     compiled = torch.compile(raw_model) if rt.compile else raw_model
