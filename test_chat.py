@@ -17,6 +17,7 @@ import torch
 import chat
 import prepare
 import sample as sample_py
+import data as data_py
 import train as train_py
 from conftest import R50K, R50K_EOT, SMALL_BPE, TINY_RUN, losses, python, train, write_checkpoint
 
@@ -116,7 +117,7 @@ def test_packed_windows_keep_each_target_with_its_mask(chat_data):
             a, b = chat.render(enc, row["messages"])
             ids, mask = ids + a, mask + b
     T = 48  # windows of 49 tokens cut conversations anywhere
-    windows = train_py.TokenWindows(str(out), meta, "train", T)
+    windows = data_py.TokenWindows(str(out), meta, "train", T)
     x, y = windows.batch(np.arange(windows.n), torch.device("cpu"))
     for w in range(windows.n):
         span = slice(w * T, w * T + T + 1)
@@ -127,7 +128,7 @@ def test_the_loss_sees_reply_targets_only(chat_data):
     out, _ = chat_data
     meta = json.loads((out / "meta.json").read_text())
     T = 48
-    windows = train_py.TokenWindows(str(out), meta, "train", T)
+    windows = data_py.TokenWindows(str(out), meta, "train", T)
     mask = np.memmap(out / "train_0000.mask", dtype=np.uint8, mode="r")
     # a window whose last target is a user token, and one whose last target is a reply token: the
     # last token of a window is a target only, never an input

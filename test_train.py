@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import prepare
+import data as data_py
 import train as train_py
 from common import save_checkpoint
 from conftest import SHAKESPEARE, TINY_RUN, ROOT, assert_user_error, losses, python, tiny_config, train
@@ -328,10 +329,10 @@ def test_lr_schedule_and_epoch_order():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warmup to the peak
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))               # then only down ...
     assert lrs[60] == pytest.approx(0.55) and lrs[110] == pytest.approx(0.1)  # ... a cosine to 10 %
-    order = train_py.EpochOrder(50, seed=3)
+    order = data_py.EpochOrder(50, seed=3)
     epoch0, epoch1 = [order(g) for g in range(50)], [order(g) for g in range(50, 100)]
     assert sorted(epoch0) == sorted(epoch1) == list(range(50)) and epoch0 != epoch1
-    assert [train_py.EpochOrder(50, seed=3)(g) for g in range(50)] == epoch0
+    assert [data_py.EpochOrder(50, seed=3)(g) for g in range(50)] == epoch0
 
 def test_the_runtime_picks_precision_compile_and_the_mfu_peak(monkeypatch):
     import common
@@ -352,8 +353,8 @@ def test_the_runtime_picks_precision_compile_and_the_mfu_peak(monkeypatch):
         torch.set_float32_matmul_precision(before)
 
 def test_a_mixture_keeps_its_shares_and_repeats_a_short_source(byte_mixture):
-    meta = train_py.load_data(byte_mixture)
-    mix = train_py.Mixture(meta, "train", 32, seed=5)
+    meta = data_py.load_data(byte_mixture)
+    mix = data_py.Mixture(meta, "train", 32, seed=5)
     assert mix.quota == [700, 300]
     picks = collections.defaultdict(list)  # source -> the windows it gave, in order
     for g in range(5000):
@@ -373,14 +374,14 @@ def test_a_mixture_keeps_its_shares_and_repeats_a_short_source(byte_mixture):
     assert mix.news(0) == [] and mix.news(picks[1][small.n] + 1) == [
         f"{mix.names[1]}: epoch 2 begins (its windows repeat, reshuffled)"]
     # any sample, asked in any order, gives the same window (so resuming needs only the step)
-    again = train_py.Mixture(meta, "train", 32, seed=5)
+    again = data_py.Mixture(meta, "train", 32, seed=5)
     for g in [4999, 17, 2500, 0]:
         assert torch.equal(again.batch([g], torch.device("cpu"))[0], mix.batch([g], torch.device("cpu"))[0])
 
 def test_mixture_settings(byte_data, tmp_path, capsys):
-    assert train_py.data_sources("a:3,b:1") == [("a", 0.75), ("b", 0.25)]
-    assert train_py.data_sources("data/x") == [("data/x", 1.0)]
-    assert train_py.data_sources("c:/data:2,d:2") == [("c:/data", 0.5), ("d", 0.5)]
+    assert data_py.data_sources("a:3,b:1") == [("a", 0.75), ("b", 0.25)]
+    assert data_py.data_sources("data/x") == [("data/x", 1.0)]
+    assert data_py.data_sources("c:/data:2,d:2") == [("c:/data", 0.5), ("d", 0.5)]
     tiny = ["--max-iters=1", f"--out-dir={tmp_path / 'run'}"]
     assert "must be a positive number" in refused(capsys, f"--data={byte_data}:1,{byte_data}x:-1", *tiny)
     assert "names a folder twice" in refused(capsys, f"--data={byte_data}:1,{byte_data}:2", *tiny)
@@ -433,7 +434,7 @@ def test_init_from_hf_starts_where_transformers_is(byte_data, tmp_path):
     assert run.returncode == 0, run.stderr
     assert f"init    weights of {folder}" in run.stdout
     # the first step's loss is transformers' loss on the same batch
-    mix = train_py.Mixture(train_py.load_data(str(data)), "train", 32, seed=1337)
+    mix = data_py.Mixture(data_py.load_data(str(data)), "train", 32, seed=1337)
     x, y = mix.batch(range(4), torch.device("cpu"))
     with torch.no_grad():
         ref = torch.nn.functional.cross_entropy(hf(x).logits.flatten(0, 1), y.flatten()).item()
@@ -445,9 +446,9 @@ def test_init_from_hf_starts_where_transformers_is(byte_data, tmp_path):
 
 def test_bits_per_byte_against_a_direct_count(byte_data):
     # byte-level data: every token but <|endoftext|> is one byte, so bpb = the loss on those targets / ln 2
-    meta = train_py.load_data(str(byte_data))
-    enc, _ = train_py.tokenizer_of(meta)
-    val = train_py.Mixture(meta, "val", 32, seed=0)
+    meta = data_py.load_data(str(byte_data))
+    enc, _ = data_py.tokenizer_of(meta)
+    val = data_py.Mixture(meta, "val", 32, seed=0)
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=320, n_layer=1, n_head=2, n_kv_head=1, n_embd=16, max_seq_len=32,
                                     multiple_of=16))
