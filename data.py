@@ -71,9 +71,9 @@ def load_data(data):
     [(folder, weight, meta)] of every folder. A mixture's folders must share one tokenizer."""
     sources = [(folder, weight, load_meta(folder)) for folder, weight in data_sources(data)]
     first = {**sources[0][2], "folder": sources[0][0], "sources": sources}
+    fingerprint = tokenizer_fingerprint(tokenizer_of(first)[0]) if len(sources) > 1 else None
     for folder, _, meta in sources[1:]:  # the same ids for the same text: compare what decides them
-        if tokenizer_fingerprint(tokenizer_of({**meta, "folder": folder})[0]) != \
-                tokenizer_fingerprint(tokenizer_of(first)[0]):
+        if tokenizer_fingerprint(tokenizer_of({**meta, "folder": folder})[0]) != fingerprint:
             die(f"{folder} was tokenized with another tokenizer than {first['folder']}; a mixture needs "
                 "one tokenizer (prepare.py --tokenizer FOLDER reuses one)")
     return first

@@ -159,14 +159,14 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.swiglu, self.act = cfg.mlp == "swiglu", cfg.mlp
-        if self.swiglu:  # the gate (Shazeer 2020, "GLU Variants Improve Transformer")
+        self.act = cfg.mlp
+        if self.act == "swiglu":  # the gate (Shazeer 2020, "GLU Variants Improve Transformer")
             self.gate_proj = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
         self.up_proj = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=False)
 
     def forward(self, x):
-        if self.swiglu:
+        if self.act == "swiglu":
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         act = F.gelu if self.act == "gelu" else F.silu  # ablations: GPT-2's MLP, or one without a gate
         return self.down_proj(act(self.up_proj(x)))
@@ -228,7 +228,7 @@ class Transformer(nn.Module):
             x = x + self.embed_positions(torch.arange(pos, pos + T, device=idx.device))  # (B, T, C)
         cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]                 # (T, D)
         for layer in self.layers:
-            if self.checkpointing and torch.is_grad_enabled():  # keep only the block's input; redo it in backward
+            if self.checkpointing and torch.is_grad_enabled():  # keep the block's input, redo it in backward
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, pos, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, pos)

@@ -254,7 +254,7 @@ def documents_of(rows, where: str, field: str, chunk_chars: int, stats: dict):
 def read_pieces(cfg: PrepareConfig, files: list[str], stats: dict):
     """The whole corpus as one stream of (text, starts_document), in a fixed order."""
     if cfg.chat:  # the turns' text, for training a BPE on
-        for messages in conversations(cfg, files):
+        for messages in conversations(cfg, files, stats):
             yield from ((m["role"] + "\n" + m["content"], True) for m in messages)
         return
     if cfg.dataset:
@@ -284,9 +284,8 @@ def reused_tokenizer(folder: str):
         die(f"--tokenizer {folder}: no tokenizer of a folder written by prepare.py there ({one_line(e)})")
     return spec, ranks
 
-def conversations(cfg: PrepareConfig, files: list[str]):
+def conversations(cfg: PrepareConfig, files: list[str], stats: dict):
     """--chat: the messages of each conversation in the corpus, checked by chat.conversation."""
-    stats = collections.Counter()
     sources = [(f"dataset {cfg.dataset!r}", dataset_rows(cfg))] if cfg.dataset else []
     sources += [(path, play_rows(path, stats) if path.endswith(".txt") else dataset_rows(cfg, path)
                  if path.endswith(".parquet") else read_json(path, stats)) for path in files]
@@ -541,7 +540,7 @@ def prepare(cfg: PrepareConfig, command: str) -> dict:
         t0 = shown = time.time()
         # (ids, starts_document, loss mask or None); conversations are few and short: tokenized right here
         tokenized = (((np.array(ids, dtype), True, np.array(mask, np.uint8)) for ids, mask in
-                      (chat.render(enc, messages) for messages in conversations(cfg, files))) if cfg.chat else
+                      (chat.render(enc, messages) for messages in conversations(cfg, files, stats))) if cfg.chat else
                      ((ids, new_doc, None) for ids, new_doc in tokenize_documents(
                          enc, read_pieces(cfg, files, stats), dtype, cfg.num_proc, cfg.chunk_chars)))
         for ids, new_doc, mask in tokenized:
