@@ -355,12 +355,12 @@ CHECKPOINT_VERSION = 1
 CHECKPOINT_KEYS = {"version": int, "model": dict, "model_config": dict, "train_config": dict, "step": int,
                    "tokens_seen": int, "best_val_loss": float, "tokenizer": dict, "eot_id": int}
 
-def save_checkpoint(path, model, tokenizer, eot_id, **training_state):
+def save_checkpoint(path, model, tokenizer, eot_id, weights=None, **training_state):
     """Write a checkpoint atomically (see atomic_write): the model's weights (pass the uncompiled
-    module) and config, the tokenizer spec and end-of-text id, so sampling needs nothing else, plus
-    what train.py adds to resume (train_config, optimizer, step, rng, ...)."""
+    module, or its state dict as weights) and config, the tokenizer spec and end-of-text id, so
+    sampling needs nothing else, plus what train.py adds to resume (train_config, optimizer, step, ...)."""
     import torch
-    state = {"version": CHECKPOINT_VERSION, "model": model.state_dict(),
+    state = {"version": CHECKPOINT_VERSION, "model": model.state_dict() if weights is None else weights,
              "model_config": dataclasses.asdict(model.config), "tokenizer": tokenizer, "eot_id": eot_id,
              "train_config": {}, "step": 0, "tokens_seen": 0, "best_val_loss": math.inf, **training_state}
     with atomic_write(path) as f:

@@ -16,6 +16,7 @@ acc_norm_chars compare with its tables. Ties go to the first ending. What to exp
 (acc_norm_tokens): random 25 %, GPT-2 124M about 29.5 %, LF_LLM-269M 35.6 % after 10B tokens.
 """
 import json
+import math
 import os
 import re
 
@@ -115,12 +116,15 @@ def evaluate(model, enc, items, device, autocast, max_len, rank=0, world=1):
     """acc, acc_norm_tokens and acc_norm_chars over items, each rank scoring every world-th item,
     counts summed across ranks."""
     mine = items[rank::world]
+    # Every rank scores as many items (a short one repeats item 0, not counted): under FSDP each
+    # forward gathers weights from all ranks, so all must run the same number of them.
+    padded = mine + items[:math.ceil(len(items) / world) - len(mine)]
     was_training = model.training
     model.eval()
     counts = torch.zeros(4, device=device)  # (right by each of the three picks, items)
-    if mine:
-        labels = torch.tensor([int(item["label"]) for item in mine])
-        scores = score(model, enc, mine, device, autocast, max_len)
+    if padded:
+        labels = torch.tensor([int(item["label"]) for item in mine], dtype=torch.long)
+        scores = [s[:len(mine)] for s in score(model, enc, padded, device, autocast, max_len)]
         counts += torch.tensor([(s.argmax(1) == labels).sum().item() for s in scores] + [len(mine)], device=device)
     if world > 1:
         dist.all_reduce(counts)

@@ -198,6 +198,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:  # one (V, C) matrix both embeds and unembeds (GPT-2, small Llamas)
             self.lm_head.weight = self.embed_tokens.weight
         self.checkpointing = False  # activation checkpointing (train.py --activation-checkpointing)
+        self.loss_chunk = 0         # > 0: the loss in chunks of this many positions (train.py --chunked-loss)
         # Not persistent: derived from the config, and the state dict stays exactly HF's. Keep the
         # model in fp32 under autocast: model.to(torch.bfloat16) would round these tables too.
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
@@ -235,10 +236,26 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None                                      # (B, 1, V)
+        if self.loss_chunk and torch.is_grad_enabled():
+            return None, self.chunked_loss(x, targets, reduction)
         logits = self.lm_head(x)                                                          # (B, T, V)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1,  # (B*T, V), (B*T,)
                                reduction=reduction)
         return logits, loss if reduction != "none" else loss.view(B, T)
+
+    def chunked_loss(self, x, targets, reduction):
+        """forward()'s loss without its largest tensors: the fp32 logits (B*T, V), and the log-probabilities
+        autograd keeps of them, take 8 bytes per position per vocabulary entry (3.3 GB for 16 x 1024
+        positions of GPT-2's 50k). Made loss_chunk positions at a time and remade in the backward pass
+        (one more lm_head matmul), only one chunk's exist at once."""
+        def chunk_losses(xc, tc):                                                         # (N, C), (N,)
+            return F.cross_entropy(self.lm_head(xc).float(), tc, ignore_index=-1, reduction="none")  # (N,)
+        pieces = zip(x.flatten(0, 1).split(self.loss_chunk), targets.flatten().split(self.loss_chunk))
+        losses = torch.cat([torch.utils.checkpoint.checkpoint(chunk_losses, xc, tc, use_reentrant=False)
+                            for xc, tc in pieces])                                        # (B*T,), 0 where -1
+        if reduction == "none":
+            return losses.view(targets.shape)
+        return losses.sum() if reduction == "sum" else losses.sum() / (targets != -1).sum()
 
     def generate(self, idx, max_new_tokens, **sampling):
         """idx (B, T) plus up to max_new_tokens sampled tokens (B, T + new); options: generate_stream's."""

@@ -13,6 +13,7 @@ model trained with it exports like any other.
     opt = Muon([w for name, w in model.named_parameters() if ...], lr=0.02, momentum=0.95)
 """
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 # Coefficients (a, b, c) of the quintic x -> a x + b x^3 + c x^5 applied to the singular values, from
 # the post: chosen to pull every value in (0, 1] up fast (slope a = 3.4 at 0), landing in about
@@ -41,7 +42,8 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, nesterov=True, ns_steps=5,
                  ns_dtype=torch.bfloat16):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
-                                      ns_steps=ns_steps, ns_dtype=ns_dtype))
+                                      ns_steps=ns_steps))
+        self.ns_dtype = ns_dtype  # not a group setting: it follows the device, so a checkpoint leaves it out
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -63,7 +65,21 @@ class Muon(torch.optim.Optimizer):
             # The matrices of one shape are orthogonalized together: on a CPU, the 28 small matrices
             # of the demo model cost half as much in 3 batched calls as one by one (measured).
             for (rows, cols), pairs in by_shape.items():
-                updates = orthogonalize(torch.stack([d for _, d in pairs]), group["ns_steps"], group["ns_dtype"])
+                directions = torch.stack([whole(d) for _, d in pairs])  # (n, rows, cols)
+                updates = orthogonalize(directions, group["ns_steps"], self.ns_dtype)
                 for (p, _), update in zip(pairs, updates):
                     p.mul_(1 - group["lr"] * group["weight_decay"])
-                    p.add_(update.to(p.dtype), alpha=-group["lr"] * max(1, rows / cols) ** 0.5)
+                    p.add_(shaped_like(p, update.to(p.dtype)), alpha=-group["lr"] * max(1, rows / cols) ** 0.5)
+
+# Under FSDP (train.py --parallel=fsdp) each process holds a DTensor: some rows of each matrix. The
+# momentum is elementwise and stays in pieces, but U V^T needs the whole matrix: every process gathers
+# it, orthogonalizes it and keeps its own rows. Simple, and the same update on every process; large
+# runs spread the matrices over the processes instead, so that each is orthogonalized once.
+def whole(t):
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+def shaped_like(p, update):
+    if not isinstance(p, DTensor):
+        return update
+    # src_data_rank=None: each process cuts its own piece of the update it holds; nothing is sent
+    return distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None)

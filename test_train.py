@@ -25,8 +25,9 @@ import torch
 
 import prepare
 import data as data_py
+import export as export_py
 import train as train_py
-from common import save_checkpoint
+from common import load_for_inference, save_checkpoint
 from conftest import SHAKESPEARE, TINY_RUN, ROOT, assert_user_error, losses, python, tiny_config, train
 from model import ModelConfig, Transformer
 
@@ -40,10 +41,10 @@ def refused(capsys, *args):
 
 # --- Training runs --------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_resume_continues_exactly(byte_data, tmp_path, optimizer):
-    # Dropout makes the run depend on the RNG state too, which the checkpoint must restore.
-    common = ["--dropout=0.1", "--eval-every=3", f"--optimizer={optimizer}"]
+def test_resume_continues_exactly(byte_data, tmp_path):
+    # Dropout makes the run depend on the RNG state too, which the checkpoint must restore. (Muon's
+    # resume: test_ddp_and_fsdp_equal_one_process_and_resume_across_each_other.)
+    common = ["--dropout=0.1", "--eval-every=3"]
     straight = train(byte_data, tmp_path / "a", "--max-iters=6", *common)
     assert straight.returncode == 0, straight.stderr
     first = train(byte_data, tmp_path / "b", "--max-iters=3", *common)
@@ -65,6 +66,11 @@ def test_a_mixture_resumes_exactly_and_two_processes_equal_one(byte_mixture, tmp
     assert "(70% of the batches)" in one.stdout and "(30% of the batches)" in one.stdout
     two = train(byte_mixture, tmp_path / "two", "--max-iters=4", "--eval-every=2", torchrun=2)
     assert two.returncode == 0, two.stderr
+    # FSDP in bf16 (its mixed precision: bf16 weights gathered, fp32 gradients reduced), with both memory
+    # savers: the same run as DDP's autocast but for rounding
+    lean = train(byte_mixture, tmp_path / "lean", "--max-iters=4", "--eval-every=2", "--dtype=bfloat16",
+                 "--parallel=fsdp", "--activation-checkpointing", "--chunked-loss", torchrun=2)
+    assert lean.returncode == 0 and "bfloat16, compile off, 2 process(es) (FSDP)" in lean.stdout, lean.stderr
     half = train(byte_mixture, tmp_path / "half", "--max-iters=2", "--batch-tokens=256", "--eval-every=2")
     assert half.returncode == 0, half.stderr
     resumed = train(byte_mixture, tmp_path / "half", "--resume", "--max-iters=4")
@@ -72,29 +78,54 @@ def test_a_mixture_resumes_exactly_and_two_processes_equal_one(byte_mixture, tmp
     a, b, c = losses(tmp_path / "one"), losses(tmp_path / "two"), losses(tmp_path / "half")
     assert a == c and len(a) == 4  # resumed: exactly the same
     assert max(abs(x[1] - y[1]) for x, y in zip(a, b)) <= 1e-5
+    assert max(abs(x[1] - y[1]) for x, y in zip(b, losses(tmp_path / "lean"))) <= 1e-2
     evals = [json.loads(line) for line in open(tmp_path / "one" / "log.jsonl") if "val_loss" in line]
     sources = [k for k in evals[-1] if k.startswith("val_loss[")]  # each source's, and the weighted mean
     assert len(sources) == 2
     assert evals[-1]["val_loss"] == pytest.approx(0.7 * evals[-1][sources[0]] + 0.3 * evals[-1][sources[1]])
 
+def weights(out):
+    return torch.load(out / "ckpt.pt", weights_only=True)["model"]
+
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_two_processes_equal_one_process_with_accumulation(byte_data, tmp_path, optimizer):
-    opt = f"--optimizer={optimizer}"
-    one = train(byte_data, tmp_path / "one", "--max-iters=4", "--batch-tokens=256", "--eval-every=2", opt)
-    assert one.returncode == 0, one.stderr
-    two = train(byte_data, tmp_path / "two", "--max-iters=4", "--eval-every=2", opt, torchrun=2)
-    assert two.returncode == 0, two.stderr
-    assert "2 process(es) x 1 micro-batch" in two.stdout and "1 process(es) x 2 micro-batch" in one.stdout
-    # A run started on one process and resumed on two continues the same way.
-    half = train(byte_data, tmp_path / "half", "--max-iters=2", "--batch-tokens=256", "--eval-every=2", opt)
-    assert half.returncode == 0, half.stderr
-    resumed = train(byte_data, tmp_path / "half", "--resume", "--max-iters=4", torchrun=2)
-    assert resumed.returncode == 0, resumed.stderr
-    a, b, c = losses(tmp_path / "one"), losses(tmp_path / "two"), losses(tmp_path / "half")
-    assert [s for s, _ in a] == [s for s, _ in b] == [s for s, _ in c] == [1, 2, 3, 4]
-    assert max(abs(x[1] - y[1]) for x, y in zip(a, b)) <= 1e-5
-    assert max(abs(x[1] - y[1]) for x, y in zip(a, c)) <= 1e-5
+def test_ddp_and_fsdp_equal_one_process_and_resume_across_each_other(byte_data, tmp_path, optimizer):
+    # fp32: FSDP's bf16 mixed precision would round differently from DDP's autocast
+    opt = [f"--optimizer={optimizer}", "--eval-every=2", "--dtype=float32", "--batch-tokens=256"]
+    two = dict(torchrun=2)
+    runs = {"one": train(byte_data, tmp_path / "one", "--max-iters=4", *opt),
+            "ddp": train(byte_data, tmp_path / "ddp", "--max-iters=4", *opt, **two),
+            # and the memory savers, which must not change a thing either
+            "fsdp": train(byte_data, tmp_path / "fsdp", "--max-iters=2", "--parallel=fsdp",
+                          "--activation-checkpointing", "--chunked-loss", *opt, **two)}
+    assert all(r.returncode == 0 for r in runs.values()), [r.stderr for r in runs.values()]
+    assert "1 process(es) x 2 micro-batch" in runs["one"].stdout and "2 process(es) x 1 micro" in runs["ddp"].stdout
+    assert "2 process(es) (FSDP) x 1 micro-batch" in runs["fsdp"].stdout
+    # FSDP's checkpoint at step 2 resumes under FSDP, under DDP (AdamW's case; the optimizer states go
+    # the same way) and on one process: the same steps 3, 4.
+    resumes = {"fsdp": ["--parallel=fsdp"], "fsdp_ddp": ["--parallel=ddp"], "fsdp_one": []}
+    if optimizer == "muon":
+        del resumes["fsdp_ddp"]
+    for name, flags in resumes.items():
+        if name != "fsdp":
+            shutil.copytree(tmp_path / "fsdp", tmp_path / name)
+    for name, flags in resumes.items():
+        resumed = train(byte_data, tmp_path / name, "--resume", "--max-iters=4", *flags, **(two if flags else {}))
+        assert resumed.returncode == 0, resumed.stderr
+    one = losses(tmp_path / "one")
+    assert [s for s, _ in one] == [1, 2, 3, 4]
+    for name in ["ddp", *resumes]:
+        assert [s for s, _ in losses(tmp_path / name)] == [1, 2, 3, 4], name
+        assert max(abs(x[1] - y[1]) for x, y in zip(one, losses(tmp_path / name))) <= 1e-5, name
+        # the final weights too (the checkpoint holds them whole, whoever wrote it)
+        reference, final = weights(tmp_path / "one"), weights(tmp_path / name)
+        assert reference.keys() == final.keys()
+        assert max((reference[k] - final[k]).abs().max().item() for k in reference) <= 1e-5, name
+    # what FSDP wrote is an ordinary checkpoint: sample.py's loader and export.py take it
+    model, enc, eot_id, spec = load_for_inference(str(tmp_path / "fsdp" / "ckpt.pt"))
+    (tmp_path / "hf").mkdir()
+    export_py.export_hf(model, enc, eot_id, spec, str(tmp_path / "hf"))
+    assert (tmp_path / "hf" / "model.safetensors").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
 
 @pytest.mark.slow
 def test_loss_falls_and_checkpoint_loads_with_weights_only(byte_data, tmp_path):
@@ -340,12 +371,12 @@ def test_the_runtime_picks_precision_compile_and_the_mfu_peak(monkeypatch):
     try:
         for has_bf16, dtype in [(True, torch.bfloat16), (False, torch.float32)]:
             monkeypatch.setattr(common, "cpu_has_bf16", lambda: has_bf16)
-            rt = train_py.Runtime(ddp=False, rank=0, local_rank=0, world=1)
+            rt = train_py.Runtime(distributed=False, rank=0, local_rank=0, world=1)
             train_py.start(rt, train_py.TrainConfig(device="cpu", dtype="auto", compile="auto", max_iters=1))
             # "high", not "medium": on CPUs "medium" hands fp32 matmuls to oneDNN, slower here
             assert (rt.dtype, rt.compile, torch.get_float32_matmul_precision()) == (dtype, False, "high")
             assert rt.peak_flops > 1e8  # measured: this CPU's matmul peak in rt.dtype
-        rt = train_py.Runtime(ddp=False, rank=0, local_rank=0, world=1)
+        rt = train_py.Runtime(distributed=False, rank=0, local_rank=0, world=1)
         train_py.start(rt, train_py.TrainConfig(device="cpu", dtype="float32", compile="true", peak_flops=5e9,
                                                 max_iters=1))
         assert (rt.dtype, rt.compile, rt.peak_flops) == (torch.float32, True, 5e9)
@@ -453,7 +484,7 @@ def test_bits_per_byte_against_a_direct_count(byte_data):
     model = Transformer(ModelConfig(vocab_size=320, n_layer=1, n_head=2, n_kv_head=1, n_embd=16, max_seq_len=32,
                                     multiple_of=16))
     cfg = train_py.TrainConfig(max_iters=1, batch_size=4, eval_batches=3)
-    rt = train_py.Runtime(ddp=False, rank=0, local_rank=0, world=1, device=torch.device("cpu"), amp=nullcontext())
+    rt = train_py.Runtime(distributed=False, rank=0, local_rank=0, world=1, device=torch.device("cpu"), amp=nullcontext())
     record = train_py.evaluate_val(model, val, enc, cfg, rt)
     x, y = val.windows[0].batch(range(12), rt.device)
     with torch.no_grad():
@@ -462,11 +493,3 @@ def test_bits_per_byte_against_a_direct_count(byte_data):
     assert record["val_loss"] == pytest.approx(losses.mean().item(), rel=1e-5)
     assert record["val_bpb"] == pytest.approx((losses[text].sum() / text.sum() / math.log(2)).item(), rel=1e-5)
     assert train_py.token_bytes(enc, rt.device).tolist() == [1.0] * 256 + [0.0]
-
-@pytest.mark.slow
-def test_activation_checkpointing_trains_the_same(byte_data, tmp_path):
-    runs = [train(byte_data, tmp_path / name, "--max-iters=4", "--dropout=0.1", *flags)
-            for name, flags in [("plain", []), ("recomputed", ["--activation-checkpointing"])]]
-    assert all(r.returncode == 0 for r in runs), runs[1].stderr
-    plain, recomputed = losses(tmp_path / "plain"), losses(tmp_path / "recomputed")
-    assert len(plain) == 4 and max(abs(a[1] - b[1]) for a, b in zip(plain, recomputed)) <= 1e-5

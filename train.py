@@ -33,6 +33,10 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
@@ -41,6 +45,7 @@ from common import (atomic_write, autocast, check, die, flag, gpu_peak_flops, lo
                     pick_device, pick_dtype, run_main, save_checkpoint, setting, tokenizer_fingerprint,
                     tokenizer_from_checkpoint)
 from data import Mixture, data_sources, load_data, tokenizer_of
+from memory import GiB, fixes, memory_plan
 from model import ModelConfig, Transformer
 from muon import Muon
 
@@ -93,8 +98,16 @@ class TrainConfig:
     device: str = setting("auto", "auto (cuda > mps > cpu), cpu, cuda or mps; under torchrun cuda:LOCAL_RANK")
     dtype: str = setting("auto", "autocast dtype: auto, float32, bfloat16 or float16; weights stay fp32")
     compile: str = setting("auto", "torch.compile the model: auto (on for CUDA), true or false")
+    parallel: str = setting("ddp", "how torchrun's processes share the work: ddp (each holds the whole model) or "
+                            "fsdp (each holds 1/N of the weights, gradients and optimizer state)")
     activation_checkpointing: bool = setting(False, "recompute each block in the backward pass instead of keeping "
                                              "its activations: far less memory, one more forward pass")
+    chunked_loss: bool = setting(False, "make the logits and the loss 1024 positions at a time, again in the "
+                                 "backward pass: the fp32 logits never exist whole; one more lm_head matmul")
+    gpu_memory: float = setting(0.0, "GiB per GPU for the memory plan; 0 = the GPU's own (CUDA)")
+    dry_run: bool = setting(False, "print the plans (model, batches, FLOPs, memory per GPU) and exit; needs no "
+                            "data or GPU")
+    gpus: int = setting(0, "--dry-run: plan for this many processes; 0 = this launch's")
     peak_flops: float = setting(0.0, "per-device peak FLOP/s for MFU; 0 = the GPU's from common.PEAK_FLOPS")
 
     def __post_init__(self):
@@ -104,13 +117,14 @@ class TrainConfig:
         check(self.compile in ("auto", "true", "false"),
               f"--compile={self.compile} must be auto, true or false")
         check(self.optimizer in ("adamw", "muon"), f"--optimizer={self.optimizer} must be adamw or muon")
+        check(self.parallel in ("ddp", "fsdp"), f"--parallel={self.parallel} must be ddp or fsdp")
         check(self.hellaswag_style in ("nanogpt", "lm-eval"),
               f"--hellaswag-style={self.hellaswag_style} must be nanogpt or lm-eval")
         for name in ("batch_size", "eval_every", "eval_batches", "log_every"):
             check(getattr(self, name) > 0, f"{flag(name)}={getattr(self, name)} must be positive")
         for name in ("seed", "lr", "batch_tokens", "max_iters", "max_tokens", "warmup_iters", "weight_decay",
                      "grad_clip", "sample_tokens", "hellaswag_every", "hellaswag_items", "peak_flops", "muon_lr",
-                     "muon_weight_decay"):
+                     "muon_weight_decay", "gpu_memory", "gpus"):
             check(getattr(self, name) >= 0, f"{flag(name)}={getattr(self, name)} must not be negative")
         check(0 <= self.min_lr_ratio <= 1 and 0 <= min(self.beta1, self.beta2, self.muon_momentum) and
               max(self.beta1, self.beta2, self.muon_momentum) < 1, "need 0 <= min_lr_ratio <= 1 and 0 <= beta "
@@ -119,6 +133,8 @@ class TrainConfig:
         check(self.eval_only or (self.max_iters > 0) != (self.max_tokens > 0), "give exactly one of "
               f"--max-iters and --max-tokens (got {self.max_iters} and {self.max_tokens})")
         check(not self.eval_only or self.ckpt, "--eval-only needs --ckpt=PATH")
+
+LOSS_CHUNK = 1024  # positions per chunk of --chunked-loss: their fp32 logits over 50k tokens take 200 MB
 
 MODEL_HELP = {  # --help for ModelConfig's fields (model.py says the same in comments)
     "vocab_size": "embedding rows; default: the data's vocabulary rounded up to a multiple of 64",
@@ -230,15 +246,20 @@ def evaluate_loss(model, windows, cfg, rt, nbytes):
     Bits per byte (nanochat's measure) do not depend on the tokenizer: the loss of the targets that
     stand for text, in bits, over the bytes of that text; nbytes (V,) gives each id's bytes."""
     model.eval()
-    ids = np.arange(min(windows.n, cfg.eval_batches * cfg.batch_size))[rt.rank::rt.world]
+    n = min(windows.n, cfg.eval_batches * cfg.batch_size)
+    ids = np.arange(n)[rt.rank::rt.world]
     total = torch.zeros(4, dtype=torch.float64, device=rt.device)  # (loss sum, targets, loss on text, bytes)
-    for i in range(0, len(ids), cfg.batch_size):
-        x, y = windows.batch(ids[i:i + cfg.batch_size], rt.device)
+    # Every rank runs as many batches, an empty one as window 0 counted 0 times: under FSDP each
+    # forward gathers weights from all ranks, and one that stops early would leave the others waiting.
+    for i in range(0, math.ceil(n / rt.world), cfg.batch_size):
+        mine = ids[i:i + cfg.batch_size]
+        x, y = windows.batch(mine if len(mine) else [0], rt.device)
         with rt.amp:
             _, losses = model(x, y, reduction="none")                               # (B, T), 0 where y = -1
         text = nbytes[y.clamp(min=0)] * (y >= 0)                                    # (B, T) bytes per target
-        total += torch.stack([losses.double().sum(), (y >= 0).sum().double(),
-                              (losses.double() * (text > 0)).sum(), text.sum()])
+        if len(mine):
+            total += torch.stack([losses.double().sum(), (y >= 0).sum().double(),
+                                  (losses.double() * (text > 0)).sum(), text.sum()])
     if rt.world > 1:
         dist.all_reduce(total)
     model.train()
@@ -306,7 +327,7 @@ def resolve_settings(given):
     train_keys = {f.name for f in fields(TrainConfig)}
     cfg = parse_config(TrainConfig, {k: v for k, v in settings.items() if k in train_keys})
     model_settings = {k: v for k, v in settings.items() if k not in train_keys}
-    need_data = not cfg.eval_only or all(os.path.isfile(os.path.join(folder, "meta.json"))
+    need_data = not (cfg.eval_only or cfg.dry_run) or all(os.path.isfile(os.path.join(folder, "meta.json"))
                                          for folder, _ in data_sources(cfg.data))
     meta = load_data(cfg.data) if need_data else None
     grow = init and meta and meta["vocab_size"] > model_settings["vocab_size"]  # new tokens for a fine-tune
@@ -383,7 +404,7 @@ def check_tokenizer(ckpt, path, enc, folder):
 @dataclass
 class Runtime:
     """Where and how this process computes: its rank among world processes, device and precision."""
-    ddp: bool
+    distributed: bool       # started by torchrun: DDP, or FSDP with fsdp
     rank: int
     local_rank: int
     world: int
@@ -393,6 +414,7 @@ class Runtime:
     scaler: object = None   # fp16's GradScaler (a no-op otherwise)
     compile: bool = False
     peak_flops: float = 0.0  # per device, for MFU; 0 = unknown
+    fsdp: bool = False
 
     @property
     def master(self):
@@ -406,7 +428,8 @@ def processes():
 def start(rt, cfg):
     """Join the other processes (if any) and pick the device and precision."""
     rt.device = pick_device(cfg.device)
-    if rt.ddp:
+    rt.fsdp = cfg.parallel == "fsdp" and rt.distributed  # (one plain process has nothing to shard over)
+    if rt.distributed:
         if rt.device.type == "cuda":
             rt.device = torch.device(f"cuda:{rt.local_rank}")
             torch.cuda.set_device(rt.device)
@@ -432,7 +455,7 @@ def stop_processes(rt):
     # The barrier lets every rank finish its last collective before any rank tears down; then the
     # group's threads must be gone before the interpreter exits: one still freeing a finished
     # collective needs the GIL and aborts the exit ("terminate called without an active exception").
-    if rt.ddp:
+    if rt.distributed:
         dist.barrier()
         dist.destroy_process_group()
 
@@ -454,6 +477,48 @@ def build_optimizers(model, cfg, rt):
     ns_dtype = torch.bfloat16 if rt.device.type == "cuda" or rt.dtype == torch.bfloat16 else torch.float32
     return [Muon([params[n] for n in muon], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
                  weight_decay=cfg.muon_weight_decay, ns_dtype=ns_dtype), adamw]
+
+def shard(model, rt):
+    """FSDP2 (--parallel=fsdp): cut each block's weights, and the rest's (embeddings, last norm, head),
+    into one piece per process. A block's weights are gathered for its forward and again for its
+    backward, and freed after; its gradients are reduce-scattered into pieces, and each process's
+    optimizer updates its pieces. With bf16, FSDP gathers bf16 copies and reduces the gradients in
+    fp32 (its mixed precision); the pieces, like DDP's weights, stay fp32."""
+    mp = MixedPrecisionPolicy()
+    if rt.dtype == torch.bfloat16:  # cast_forward_inputs=False: the fp32 RoPE tables go in as they are
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    for layer in model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)  # moves the pieces to the GPU of this process
+
+def build_model(cfg, model_cfg, ckpt, init, enc, rt):
+    """The model on its device: new, or the weights of the checkpoint to resume or evaluate, or of
+    --init-from's; sharded under FSDP (in place: the sharded model is the model from then on).
+    -> (model, what --init-from did, for the log)."""
+    path = cfg.ckpt if cfg.eval_only else os.path.join(cfg.out_dir, "ckpt.pt")
+    model = model_from_checkpoint(ckpt, path) if ckpt else Transformer(model_cfg)
+    init_note = load_pretrained(model, init, cfg.init_from or cfg.init_from_hf, enc) if init else None
+    model.checkpointing = cfg.activation_checkpointing
+    model.loss_chunk = LOSS_CHUNK if cfg.chunked_loss else 0
+    if rt.fsdp:
+        shard(model, rt)
+    return model.to(rt.device), init_note
+
+def save(paths, model, optimizers, improved, rt, **state):
+    """ckpt.pt, and best.pt if improved, called on every rank: the weights and optimizer states are
+    gathered whole onto rank 0's CPU (FSDP holds them in pieces) and keyed by parameter name, so a
+    checkpoint written under FSDP resumes under DDP or on one process, and the other way round."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    optimizer_states = [get_optimizer_state_dict(model, optimizer, options=options) for optimizer in optimizers]
+    if not rt.master:
+        return
+    save_checkpoint(paths["ckpt.pt"], model, weights=weights, optimizer=optimizer_states,
+                    scaler=rt.scaler.state_dict(), rng=rng_state(rt), **state)
+    if improved:  # best.pt: the same bytes, written atomically too
+        with open(paths["ckpt.pt"], "rb") as src, atomic_write(paths["best.pt"]) as dst:
+            dst.write(src.read())
+    plot_losses(paths["log.jsonl"], paths["loss.png"])
 
 class RunLog:
     """What the run reports, rank 0 only: lines on the console, records in log.jsonl (and wandb),
@@ -540,11 +605,16 @@ def rng_state(rt):
             "cuda": [torch.cuda.get_rng_state(rt.device)] if rt.device.type == "cuda" else []}
 
 def restore(ckpt, model, optimizers, rt):
-    """Put back what ckpt saved (weights, optimizers, scaler, rank 0's RNG) -> (step, tokens, best val)."""
-    model.load_state_dict(ckpt["model"])
+    """Put back what ckpt saved besides the weights (those went in before sharding): the optimizer
+    states (each process takes its pieces under FSDP), the scaler, rank 0's RNG -> (step, tokens, best val)."""
     states = ckpt["optimizer"] if isinstance(ckpt["optimizer"], list) else [ckpt["optimizer"]]  # older: one
     for optimizer, state in zip(optimizers, states, strict=True):
-        optimizer.load_state_dict(state)
+        if all(isinstance(k, str) for k in state["state"]):  # by parameter name
+            set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        elif rt.fsdp:
+            die("this checkpoint's optimizer state predates FSDP: resume it once without --parallel=fsdp")
+        else:  # older checkpoints: by the parameter's position in the optimizer
+            optimizer.load_state_dict(state)
     rt.scaler.load_state_dict(ckpt["scaler"])
     if rt.master:
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -577,29 +647,68 @@ def evaluate_only(cfg, model, ckpt, meta, rt):
     log.record(record)
 
 def print_plan(log, cfg, model, rt, train, val, tokenizer, step, max_iters, batch_tokens, accum, init_note):
-    """What the run will do, where, and where its outputs go, before any of it is spent."""
+    """What the run will do, where, what it needs in memory and where its outputs go, before any of
+    it is spent (--dry-run: no data, train is None)."""
     mc, T, n_params = model.config, model.config.max_seq_len, model.num_params()
     total = max_iters * batch_tokens
     body = model.num_params(embeddings=False)
     log.print(f"model   {n_params / 1e6:.2f}M parameters ({body / 1e6:.2f}M without embeddings): "
               f"{mc.n_layer} layers, d{mc.n_embd}, {mc.n_head} heads / {mc.n_kv_head} kv, T={T}, "
               f"vocab {mc.vocab_size}")
-    for name, weight, windows, val_windows in zip(train.names, train.weights, train.windows, val.windows):
+    if train is None:
+        log.print(f"data    {cfg.data}: not read (--dry-run)")
+    sources = zip(train.names, train.weights, train.windows, val.windows) if train else []
+    for name, weight, windows, val_windows in sources:
         share = f" ({weight:.0%} of the batches)" if len(train.names) > 1 else ""
         log.print(f"data    {name}{share}: {windows.n * T / 1e6:,.2f}M train tokens, "
                   f"{val_windows.n * T / 1e6:,.2f}M val, tokenizer {tokenizer['name']}; "
                   f"{total * weight / (windows.n * T):.2f} epochs in this run")
     log.print(f"plan    {f'from step {step} to ' if step else ''}{max_iters} steps x {batch_tokens:,} "
               f"tokens = {total / 1e6:,.1f}M tokens ({total / n_params:.1f} per parameter; Chinchilla-optimal "
-              "~20), "
-              f"{model.flops_per_token(T) * total:.2e} FLOPs")
-    name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu"
-    log.print(f"runtime {rt.device} ({name}), "
+              f"~20), {model.flops_per_token(T) * total:.2e} FLOPs")
+    name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" and not cfg.dry_run else "planned"
+    log.print(f"runtime {rt.device} ({name if rt.device.type == 'cuda' else 'cpu'}), "
               f"{str(rt.dtype).removeprefix('torch.')}, compile {'on' if rt.compile else 'off'}, "
-              f"{rt.world} process(es) x {accum} micro-batch(es) of {cfg.batch_size} sequences")
-    log.print(f"output  {cfg.out_dir}/: ckpt.pt (latest), best.pt (lowest val loss), log.jsonl, loss.png")
+              f"{rt.world} process(es){' (FSDP)' if rt.fsdp else ''} x {accum} micro-batch(es) of "
+              f"{cfg.batch_size} sequences")
+    print_memory(log, cfg, model, rt)
+    if not cfg.dry_run:
+        log.print(f"output  {cfg.out_dir}/: ckpt.pt (latest), best.pt (lowest val loss), log.jsonl, loss.png")
     if init_note:  # --init-from
         log.print(init_note)
+
+def print_memory(log, cfg, model, rt):
+    """The memory plan per process (memory.py), and against the GPU's memory, with the fixes when
+    it will not fit."""
+    plan = memory_plan(model, cfg.batch_size, rt.world, rt.fsdp, cfg.optimizer, amp=rt.dtype != torch.float32,
+                       attention_fp32=rt.device.type == "cpu", checkpointing=cfg.activation_checkpointing,
+                       loss_chunk=model.loss_chunk)
+    log.print(f"memory  {plan.line()}")
+    capacity = cfg.gpu_memory * GiB or (torch.cuda.get_device_properties(rt.device).total_memory
+                                        if rt.device.type == "cuda" else 0)
+    if not capacity:
+        return
+    # Leave ~10 %: the CUDA context, the allocator's fragmentation and the kernels' workspaces take it.
+    if plan.total <= 0.9 * capacity:
+        log.print(f"        fits: {plan.total / capacity:.0%} of {capacity / GiB:.0f} GiB")
+        return
+    options = fixes(plan, cfg.batch_size, rt.fsdp, cfg.activation_checkpointing, cfg.chunked_loss)
+    log.print(f"warning: {plan.total / GiB:.1f} GiB will not fit in {capacity / GiB:.0f} GiB less ~10 % for the "
+              f"CUDA context and fragmentation; try {', '.join(options) or 'a smaller model'}", file=sys.stderr)
+
+def dry_run(cfg, model_cfg, rt):
+    """--dry-run: the run's plans without data, processes or a GPU. The model is built on the "meta"
+    device: shapes without memory, so a 70B model costs nothing. --gpu-memory plans for a GPU."""
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    model.loss_chunk = LOSS_CHUNK if cfg.chunked_loss else 0
+    rt.world, rt.fsdp = cfg.gpus or rt.world, cfg.parallel == "fsdp"
+    rt.device = torch.device("cuda") if cfg.gpu_memory else pick_device(cfg.device)
+    floats = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    rt.dtype = floats.get(cfg.dtype, torch.bfloat16) if cfg.gpu_memory else pick_dtype(cfg.dtype, rt.device)
+    rt.compile = cfg.compile == "true" or (cfg.compile == "auto" and rt.device.type == "cuda")
+    batch_tokens, accum, max_iters = batch_plan(cfg, model_cfg.max_seq_len, rt.world)
+    print_plan(RunLog("", True), cfg, model, rt, None, None, None, 0, max_iters, batch_tokens, accum, None)
 
 def print_summary(log, cfg, paths, code, why, step, start_step, seconds, best_val, stopped, chat):
     """How the run ended, where its files are, and the commands that go on from there."""
@@ -627,6 +736,8 @@ def main(argv):
     given = parse_flags(argv, [TrainConfig, ModelConfig], __doc__, epilog=PRESETS_HELP, helps=MODEL_HELP)
     cfg, model_cfg, ckpt, meta, init = resolve_settings(given)
     rt = processes()
+    if cfg.dry_run:
+        return dry_run(cfg, model_cfg, rt)
     T = model_cfg.max_seq_len
     batch_tokens, accum, max_iters = batch_plan(cfg, T, rt.world)
     if not cfg.eval_only:
@@ -641,10 +752,7 @@ def main(argv):
 
     # --- Model, optimizer, data
     torch.manual_seed(cfg.seed)  # the same seed on every rank: every rank starts from the same init
-    raw_model = model_from_checkpoint(ckpt, cfg.ckpt) if cfg.eval_only else Transformer(model_cfg)
-    init_note = load_pretrained(raw_model, init, cfg.init_from or cfg.init_from_hf, enc) if init else None
-    raw_model.checkpointing = cfg.activation_checkpointing
-    raw_model.to(rt.device)
+    raw_model, init_note = build_model(cfg, model_cfg, ckpt, init, enc if init else None, rt)
     # Compiled or not, raw_model is what gets saved: its state dict has no "_orig_mod." prefixes.
     compiled = torch.compile(raw_model) if rt.compile else raw_model
     if cfg.eval_only:
@@ -655,10 +763,11 @@ def main(argv):
     # Dropout draws from torch's global generator, per rank; rank 0's state is restored exactly.
     if not (ckpt and rt.master):
         torch.manual_seed(cfg.seed + rt.rank + 7919 * step)
-    # DDP averages the gradients of all ranks inside backward; evaluation uses the model without it.
-    model = compiled
-    if rt.ddp:
-        model = DDP(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+    # DDP averages the gradients of all ranks inside backward (FSDP reduce-scatters them in pieces);
+    # evaluation uses the model without the DDP wrapper.
+    ddp = DDP(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None) \
+        if rt.distributed and not rt.fsdp else None
+    model = ddp or compiled
     train, val = (Mixture(meta, split, T, cfg.seed) for split in ("train", "val"))
     items = hellaswag.get_items(cfg.hellaswag_path, cfg.hellaswag_items, rt.rank, rt.world, cfg.hellaswag_style) \
         if cfg.hellaswag_every else None  # loaded (and checked) now, not after hours of training
@@ -690,20 +799,16 @@ def main(argv):
                 record |= hellaswag.evaluate(compiled, enc, items, rt.device, rt.amp, T, rt.rank, rt.world)
             log.print(eval_line(record))
             log.record(record)
-            if rt.master and cfg.sample_tokens:  # from the uncompiled model: decoding shapes vary
+            # From the uncompiled model (decoding shapes vary); on every rank under FSDP, whose
+            # forward needs them all: they draw the same tokens from the same seed.
+            if (rt.master or rt.fsdp) and cfg.sample_tokens:
                 text = sample_text(raw_model, enc, meta["eot_id"], cfg.sample_tokens, cfg.seed, rt)
                 log.print("sample:\n" + "\n".join("  | " + line for line in text.split("\n")))
-        if rt.master and step > start_step and (evaluate or stopped):
+        if step > start_step and (evaluate or stopped):
             improved = evaluate and val_loss < best_val
             best_val = val_loss if improved else best_val
-            save_checkpoint(paths["ckpt.pt"], raw_model, tokenizer, meta["eot_id"],
-                            train_config=asdict(cfg), optimizer=[opt.state_dict() for opt in optimizers],
-                            scaler=rt.scaler.state_dict(), rng=rng_state(rt), step=step,
-                            tokens_seen=tokens_seen, best_val_loss=best_val)
-            if improved:  # best.pt: the same bytes, written atomically too
-                with open(paths["ckpt.pt"], "rb") as src, atomic_write(paths["best.pt"]) as dst:
-                    dst.write(src.read())
-            plot_losses(paths["log.jsonl"], paths["loss.png"])
+            save(paths, raw_model, optimizers, improved, rt, tokenizer=tokenizer, eot_id=meta["eot_id"],
+                 train_config=asdict(cfg), step=step, tokens_seen=tokens_seen, best_val_loss=best_val)
         if last_step or stopped:
             break
 
@@ -720,7 +825,8 @@ def main(argv):
             x, y = train.batch(range(first, first + cfg.batch_size), rt.device)
             # DDP all-reduces the gradients in every backward unless told not to: only the last
             # micro-step of an optimizer step needs it.
-            with model.no_sync() if rt.ddp and micro < accum - 1 else nullcontext():
+            # (FSDP reduce-scatters every micro-step: skipping it would keep whole gradients meanwhile.)
+            with ddp.no_sync() if ddp and micro < accum - 1 else nullcontext():
                 with rt.amp:  # the forward and the loss in low precision; the backward follows it
                     loss, _ = masked_loss(model, x, y)
                 rt.scaler.scale(loss / accum).backward()  # / accum: the step's gradient is the mean
@@ -728,11 +834,13 @@ def main(argv):
         for optimizer in optimizers:
             rt.scaler.unscale_(optimizer)  # clipping must see the true gradients, not scaled ones
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
+        if isinstance(grad_norm, DTensor):  # under FSDP: the norm over all pieces, on every rank
+            grad_norm = grad_norm.full_tensor()
         # One small all-reduce a step: the mean loss, a non-finite loss anywhere, a stop request
         # anywhere. Every rank then takes the same decision, so none waits for a rank that left.
         flags = torch.stack([loss_sum / accum, (~torch.isfinite(loss_sum)).float(),
                              torch.tensor(float(stop.requested), device=rt.device)])
-        if rt.ddp:
+        if rt.distributed:
             dist.all_reduce(flags)
         mean_loss, nonfinite, stopped = flags.tolist()  # .tolist(): the one host sync of the step
         mean_loss, stopped = mean_loss / rt.world, bool(stopped)
@@ -768,7 +876,7 @@ def main(argv):
                   chat="loss_mask" in meta)
     # The DDP wrapper's reducer holds the process group: free it before tearing the group down, or
     # a gloo worker thread can hang the exit waiting for the GIL.
-    del model
+    del model, ddp
     gc.collect()
     stop_processes(rt)
     sys.exit(exit_code)

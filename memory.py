@@ -1,0 +1,105 @@
+"""
+What a training run will hold in each GPU's memory, by part, worked out before it starts (train.py
+prints it beside the compute plan, and warns with the fixes when it will not fit).
+
+    from memory import memory_plan, fixes
+    parts = memory_plan(model, batch_size=16, world=8, fsdp=False, optimizer="adamw", amp=True)
+
+Per parameter: fp32 weights (4 bytes), their gradients (4), AdamW's two moments (8) or Muon's one
+(4); DDP adds gradient buckets of the same size as the gradients; FSDP divides all of it by the
+number of processes and adds the weights it gathers for the block at work (and the next one).
+Per position of a micro-batch: what autograd saves for the backward pass, counted tensor by tensor
+from model.py (test_memory checks the count against the bytes actually saved), and the logits.
+"""
+from dataclasses import dataclass
+
+GiB = 2 ** 30
+
+def block_bytes(mc, amp, attention_fp32):
+    """Bytes one block saves for backward per position: amp = autocast (2-byte matmuls) on, and
+    attention_fp32 = attention kept in fp32 under it (model.py does so on a CPU)."""
+    C, Ckv, F, H = mc.n_embd, mc.n_kv_head * mc.head_dim, mc.ffn_hidden, mc.n_head
+    a = 2 if amp else 4                     # a matmul's input or output
+    att = 4 if attention_fp32 or not amp else 2
+    norms = 2 * (4 * C + 4 * C + 4)         # each RMSNorm: its fp32 input, normalized copy, 1 / rms
+    # The inputs the matmuls keep for their weight gradients. Autocast casts the normed stream once per
+    # matmul: q, k, v get three copies, gate and up two. In fp32 they share one tensor per sublayer.
+    matmul_inputs = a * C * (5 if amp else 2)
+    attention = att * (C + 2 * Ckv) + 4 * H  # q, k, v (after RoPE) and the log-sum-exp per head
+    # its output, whose memory is already in o_proj's input layout unless it is cast for o_proj
+    attention += att * C + (a * C if att != a else 0)
+    mlp = 4 * a * F                          # gate, silu(gate), up, and their product (down's input)
+    return norms + matmul_inputs + attention + mlp
+
+def head_bytes(mc, amp, tokens, loss_chunk):
+    """(bytes saved per position outside the blocks, peak bytes of the logits for tokens positions):
+    the ids, the last norm and lm_head's input; the logits in the compute dtype, their fp32 copy and
+    the fp32 log-probabilities cross_entropy keeps, for loss_chunk positions at a time if given."""
+    a = 2 if amp else 4
+    saved = 16 + 8 * mc.n_embd + 4 + a * mc.n_embd
+    rows = min(tokens, loss_chunk) if loss_chunk else tokens
+    logits_per_row = (a + 4 + 4 if amp else 4 + 4) * mc.vocab_size  # fp32: the logits are their copy
+    return saved, rows * logits_per_row
+
+@dataclass
+class MemoryPlan:
+    """Bytes per process, by part."""
+    weights: float
+    grads: float
+    optimizer: float
+    comms: float        # DDP's gradient buckets, or the weights FSDP gathers (and their gradients)
+    activations: float  # saved for backward by one micro-batch, plus the autocast copies of the weights
+    logits: float
+
+    @property
+    def total(self):
+        return self.weights + self.grads + self.optimizer + self.comms + self.activations + self.logits
+
+    def line(self):
+        unit, name = (GiB, "GiB") if self.total >= GiB else (2 ** 20, "MiB")
+        part = {k: f"{v / unit:.2f}" for k, v in vars(self).items()}
+        return (f"{self.total / unit:.1f} {name} per process = weights {part['weights']} + grads {part['grads']} + "
+                f"optimizer {part['optimizer']} + buffers {part['comms']} + activations {part['activations']} + "
+                f"logits {part['logits']}")
+
+def memory_plan(model, batch_size, world, fsdp, optimizer, amp, attention_fp32=False, checkpointing=False,
+                loss_chunk=0):
+    """A MemoryPlan for training model (a Transformer, on any device, "meta" too) with micro-batches of
+    batch_size sequences of its max_seq_len on each of world processes."""
+    mc, T = model.config, model.config.max_seq_len
+    names = dict(model.named_parameters())  # a tied matrix once
+    n = sum(p.numel() for p in names.values())
+    n_block = sum(p.numel() for p in model.layers[0].parameters())
+    n_head = model.lm_head.weight.numel()
+    n_matrices = sum(p.numel() for k, p in names.items() if k.startswith("layers.") and p.dim() == 2)
+    n_muon = n_matrices if optimizer == "muon" else 0
+    shards = world if fsdp else 1
+    state = 8 * (n - n_muon) + 4 * n_muon  # AdamW: 2 moments; Muon: 1 momentum
+    if fsdp:  # the root's weights (embeddings, head) stay gathered; one block at work, the next prefetched
+        pbytes = 2 if amp else 4   # FSDP's mixed precision gathers bf16 weights
+        comms = pbytes * (n - mc.n_layer * n_block + 2 * n_block) + 4 * n_block
+    else:
+        comms = 4 * n if world > 1 else 0
+    tokens = batch_size * T
+    saved, logits = head_bytes(mc, amp, tokens, loss_chunk)
+    per_block = block_bytes(mc, amp, attention_fp32)
+    # Checkpointing keeps each block's fp32 input and redoes one block at a time in the backward pass.
+    blocks = mc.n_layer * 4 * mc.n_embd + per_block if checkpointing else mc.n_layer * per_block
+    # Autocast's bf16 copies of the weights, kept for backward (a checkpointed block remakes its own)
+    held = n_head + (n_matrices / mc.n_layer if checkpointing else n_matrices)
+    weight_copies = 2 * held if amp and not fsdp else 0
+    return MemoryPlan(weights=4 * n / shards, grads=4 * n / shards, optimizer=state / shards, comms=comms,
+                      activations=tokens * (blocks + saved) + weight_copies, logits=logits)
+
+def fixes(plan, batch_size, fsdp, checkpointing, chunked):
+    """The changes that shrink the largest parts, most effective first, as flags."""
+    options = []
+    if not chunked and plan.logits > plan.activations / 4:
+        options.append("--chunked-loss")
+    if not checkpointing:
+        options.append("--activation-checkpointing")
+    if batch_size > 1:
+        options.append(f"--batch-size={batch_size // 2} (with the same --batch-tokens)")
+    if not fsdp:
+        options.append("--parallel=fsdp (under torchrun)")
+    return options
