@@ -303,3 +303,20 @@ def test_activation_checkpointing_gives_the_same_gradients_and_keeps_less(monkey
     assert kept[0] == pytest.approx(plain[0], abs=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain[1], kept[1]))
     assert kept[2] < 0.5 * plain[2], (kept[2], plain[2])
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_the_chunked_loss_equals_the_plain_loss_and_gradients(reduction):
+    def run(chunk):
+        torch.manual_seed(0)
+        model = Transformer(tiny_config(tie_embeddings=True))
+        model.loss_chunk = chunk
+        idx = torch.randint(0, 96, (3, 40), generator=torch.Generator().manual_seed(1))
+        targets = idx.clone()
+        targets[0, :7] = -1  # ignored positions, across a chunk boundary
+        _, loss = model(idx, targets, reduction=reduction)
+        loss.sum().backward()
+        return loss.detach(), [p.grad for p in model.parameters()]
+    plain, chunked = run(0), run(17)  # 120 positions: 7 chunks, the last one short
+    assert chunked[0].shape == plain[0].shape
+    assert torch.allclose(chunked[0], plain[0], rtol=1e-6, atol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(plain[1], chunked[1]))

@@ -5,6 +5,8 @@ laptop CPU to many GPUs on many nodes, through torch.distributed (torchrun), not
     python train.py                                   # the CPU demo: data/shakespeare, ~1 minute
     python train.py --preset=gpt2_small               # one GPU
     torchrun --standalone --nproc_per_node=8 train.py --preset=gpt2_small
+    torchrun --standalone --nproc_per_node=8 train.py --preset=lf_llm_269m --parallel=fsdp  # shard the model
+    python train.py --preset=gpt2_small --dry-run --gpu-memory=24   # the plans only: will it fit?
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
         train.py --preset=gpt2_small                  # the same line on every node
     python train.py --resume                          # continue out/shakespeare exactly where it stopped
@@ -666,8 +668,9 @@ def print_plan(log, cfg, model, rt, train, val, tokenizer, step, max_iters, batc
     log.print(f"plan    {f'from step {step} to ' if step else ''}{max_iters} steps x {batch_tokens:,} "
               f"tokens = {total / 1e6:,.1f}M tokens ({total / n_params:.1f} per parameter; Chinchilla-optimal "
               f"~20), {model.flops_per_token(T) * total:.2e} FLOPs")
-    name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" and not cfg.dry_run else "planned"
-    log.print(f"runtime {rt.device} ({name if rt.device.type == 'cuda' else 'cpu'}), "
+    name = rt.device.type if rt.device.type != "cuda" else "planned" if cfg.dry_run else \
+        torch.cuda.get_device_name(rt.device)
+    log.print(f"runtime {rt.device} ({name}), "
               f"{str(rt.dtype).removeprefix('torch.')}, compile {'on' if rt.compile else 'off'}, "
               f"{rt.world} process(es){' (FSDP)' if rt.fsdp else ''} x {accum} micro-batch(es) of "
               f"{cfg.batch_size} sequences")
