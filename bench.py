@@ -7,14 +7,17 @@ machine's own limit; prints one JSON object.
     python bench.py --sections=decode --decode-new-tokens=512
     python bench.py --sections=limit --n-embd=512 --n-head=8 --n-kv-head=8 --batch-size=8
     python bench.py --sections=time_to_loss --ttl-run=demo --text-file=../shared/data/tinyshakespeare.txt
+    python bench.py --sections=memory --dtype=bfloat16
     python bench.py --device=cuda --dtype=bfloat16 --n-layer=12 --n-embd=768 --n-head=12 --compile
 
 Sections: train (forward + backward + AdamW step: tokens/s; MFU and peak memory on GPUs), decode
 (greedy tokens/s: our KV cache vs HF generate vs our model without a cache; the share of the read
 bandwidth it streams weights at), tokenize (prepare.py vs plain tiktoken; needs --text-file and
 GPT-2's ranks, TIKTOKEN_CACHE_DIR offline), limit (peak matmul FLOP/s in fp32 and bf16 and the
-training step's share of it) and time_to_loss (steps and seconds to a validation loss for fp32
-AdamW, bf16 AdamW and bf16 Muon, trained by train.py in turn). Both models get the same weights
+training step's share of it), time_to_loss (steps and seconds to a validation loss for fp32
+AdamW, bf16 AdamW and bf16 Muon, trained by train.py in turn) and memory (what activation
+checkpointing and the chunked loss save, measured against memory.py's plan, and what they cost in
+step time). Both models get the same weights
 (model.to_hf), batch, dtype, threads and optimizer settings, and HF uses attn_implementation="sdpa".
 Timed runs alternate ours, theirs, ours, theirs, ... after warm-up, so a busy machine slows both
 alike; each row is the median of `repeats` runs with its spread [min, max], the ratio ours / theirs
@@ -37,11 +40,12 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from memory import block_bytes, head_bytes, saved_bytes
 from model import ModelConfig, Transformer, to_hf
 from common import (autocast, check, cpu_has_bf16, die, flag, gpu_peak_flops, matmul_flops, one_line,
                     parse_config, parse_flags, pick_device, run_main, setting)
 
-SECTIONS = ("train", "decode", "tokenize", "limit", "time_to_loss")
+SECTIONS = ("train", "decode", "tokenize", "limit", "time_to_loss", "memory")
 # The time_to_loss runs: train.py's flags and the val loss to reach. nanogpt: nanoGPT's published CPU
 # config for character-level Shakespeare (val 1.88 after 2,000 steps), here on bytes (the same for
 # this ASCII text); demo: the shakespeare_cpu preset on the 4096-token BPE (4.44 before this change).
@@ -227,6 +231,40 @@ def bench_train(cfg, ours, theirs, device, amp, compiled):
             flops = result[f"{name}_tok_s"] * ours.flops_per_token(cfg.seq_len)
             result[f"{name}_mfu"] = round(flops / peak_flops, 4) if peak_flops else None
     return result
+
+# --- Memory ---------------------------------------------------------------------------------------
+def bench_memory(cfg, ours, device, amp, dtype):
+    """For the plain step, --activation-checkpointing, --chunked-loss (a chunk per sequence) and both:
+    the bytes autograd keeps for backward, measured and as memory.py plans them, and the step's time
+    (interleaved) against the plain step's."""
+    mc, B, T = ours.config, cfg.batch_size, cfg.seq_len
+    is_amp, cpu_fp32_attention = dtype != torch.float32, device.type == "cpu"
+    g = torch.Generator().manual_seed(cfg.seed + 2)
+    idx = torch.randint(0, cfg.vocab_size, (B, T), generator=g).to(device)
+    variants = {"plain": (False, 0), "checkpointing": (True, 0), "chunked_loss": (False, T), "both": (True, T)}
+    out, steps = {}, {}
+    saved, _ = head_bytes(mc, is_amp, B * T, 0)
+    for name, (checkpointing, chunk) in variants.items():
+        ours.checkpointing, ours.loss_chunk = checkpointing, chunk
+        per_block = 4 * mc.n_embd if checkpointing else block_bytes(mc, is_amp, cpu_fp32_attention)
+        logits_kept = 0 if chunk else 4 * mc.vocab_size  # the fp32 log-probabilities, unless remade later
+        planned = B * T * (mc.n_layer * per_block + saved + logits_kept)
+        measured = saved_bytes(ours, idx, amp)
+        out[name] = {"saved_mb": round(measured / 2**20, 2), "planned_mb": round(planned / 2**20, 2),
+                     "measured_over_planned": round(measured / planned, 3)}
+        step, _ = train_step_fn(ours, False, idx, idx, amp, compiled=False)
+        step()  # warm-up: AdamW's state
+
+        def run(step=step, checkpointing=checkpointing, chunk=chunk):
+            ours.checkpointing, ours.loss_chunk = checkpointing, chunk
+            for _ in range(cfg.steps):
+                step()
+        steps[name] = run
+    secs = interleaved(steps, cfg.repeats, device)
+    for name in variants:
+        out[name]["step_time_vs_plain"] = round(statistics.median(secs[name]) / statistics.median(secs["plain"]), 3)
+    ours.checkpointing, ours.loss_chunk = False, 0
+    return out
 
 # --- Decoding -------------------------------------------------------------------------------------
 def naive_generate(model, idx, new_tokens):
@@ -433,6 +471,8 @@ def main(argv):
         section("limit", lambda: bench_limit(cfg, ours, device))
     if "time_to_loss" in sections:
         section("time_to_loss", lambda: bench_time_to_loss(cfg))
+    if "memory" in sections:
+        section("memory", lambda: bench_memory(cfg, ours, device, amp, dtype))
     if "tokenize" in sections:
         if not cfg.text_file:
             report["tokenize"] = {"skipped": "no text given: pass --text-file=PATH"}

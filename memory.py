@@ -2,8 +2,9 @@
 What a training run will hold in each GPU's memory, by part, worked out before it starts (train.py
 prints it beside the compute plan, and warns with the fixes when it will not fit).
 
-    from memory import memory_plan, fixes
+    from memory import memory_plan, fixes, saved_bytes
     parts = memory_plan(model, batch_size=16, world=8, fsdp=False, optimizer="adamw", amp=True)
+    measured = saved_bytes(model, idx, amp_context)   # what autograd really keeps (test_memory, bench.py)
 
 Per parameter: fp32 weights (4 bytes), their gradients (4), AdamW's two moments (8) or Muon's one
 (4); DDP adds gradient buckets of the same size as the gradients; FSDP divides all of it by the
@@ -11,7 +12,10 @@ number of processes and adds the weights it gathers for the block at work (and t
 Per position of a micro-batch: what autograd saves for the backward pass, counted tensor by tensor
 from model.py (test_memory checks the count against the bytes actually saved), and the logits.
 """
+from contextlib import nullcontext
 from dataclasses import dataclass
+
+import torch
 
 GiB = 2 ** 30
 
@@ -103,3 +107,24 @@ def fixes(plan, batch_size, fsdp, checkpointing, chunked):
     if not fsdp:
         options.append("--parallel=fsdp (under torchrun)")
     return options
+
+def saved_bytes(model, idx, amp=None):
+    """Bytes of the distinct tensors autograd keeps for the backward pass of one training forward of
+    idx (B, T) under the autocast context amp: the measurement the plan is checked against. Weights,
+    autocast's copies of them and the RoPE tables are not activations and are left out."""
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}  # + RoPE tables
+    storages = {}
+
+    def weight_copy(t):  # autocast's cast of a weight (saved as a view: its transpose): a copy of a parameter
+        fn = (t if t._base is None else t._base).grad_fn
+        return (type(fn).__name__ == "ToCopyBackward0" and
+                type(fn.next_functions[0][0]).__name__ == "AccumulateGrad")
+
+    def keep(t):
+        storage = t.untyped_storage()  # views of one tensor (k and v are views of their matmuls) count once
+        if storage.data_ptr() not in weights and not weight_copy(t):
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), amp or nullcontext():
+        model(idx, idx)
+    return sum(storages.values())

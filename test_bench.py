@@ -16,7 +16,7 @@ TINY = ["--n-layer=1", "--n-embd=32", "--n-head=2", "--n-kv-head=1", "--vocab-si
 
 @pytest.mark.slow
 def test_bench_runs_and_its_two_models_agree(tmp_path):
-    result = python("bench.py", *TINY, "--sections=train,decode,tokenize,limit,time_to_loss",
+    result = python("bench.py", *TINY, "--sections=train,decode,tokenize,limit,time_to_loss,memory",
                     f"--text-file={SHAKESPEARE}", "--tokenize-copies=1", "--ttl-steps=20", "--ttl-target=5.3",
                     "--ttl-variants=fp32-adamw,bf16-muon")
     assert result.returncode == 0, result.stderr
@@ -30,6 +30,9 @@ def test_bench_runs_and_its_two_models_agree(tmp_path):
     assert report["tokenize"]["prepare_tok_s"] > 0 and report["tokenize"]["ratio"] > 0
     assert 0 < report["decode"]["bandwidth_fraction"] < 1
     assert 0 < report["limit"]["float32"]["fraction_of_peak"] < 1.5  # a tiny model: far from the peak
+    for variant in ("plain", "checkpointing", "chunked_loss", "both"):  # the plan within 10 % of the bytes kept
+        assert 0.9 < report["memory"][variant]["measured_over_planned"] < 1.1, report["memory"]
+    assert report["memory"]["both"]["saved_mb"] < report["memory"]["plain"]["saved_mb"] / 2
     for variant in ("fp32-adamw", "bf16-muon"):  # 20 steps of nanoGPT's config: from 5.55 to below 5.3
         run = report["time_to_loss"][variant]
         assert 0 < run["steps_to_target"] <= 20 and run["final_val_loss"] < 5.3

@@ -1,30 +1,14 @@
 """memory.py's plan against what PyTorch actually keeps: the bytes autograd saves for backward
-(counted with saved_tensors_hooks), and the tensors an optimizer step leaves behind."""
+(memory.saved_bytes counts them with saved_tensors_hooks), and the tensors an optimizer step
+leaves behind."""
 import pytest
 import torch
 
 import train as train_py
 from conftest import tiny_config
-from memory import block_bytes, head_bytes, memory_plan
+from memory import block_bytes, head_bytes, memory_plan, saved_bytes
 from model import Transformer
 from muon import Muon
-
-def saved_bytes(model, idx, amp):
-    """Bytes of the distinct activation tensors autograd keeps for the backward pass of one training
-    forward: parameters, and autocast's copies of them (shaped like a weight), are not activations."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    shapes = {s for p in model.parameters() for s in (tuple(p.shape), tuple(p.shape)[::-1])}
-    storages = {}
-
-    def pack(t):
-        storage = t.untyped_storage()  # views of one tensor (k and v are views of their matmuls) count once
-        if storage.data_ptr() not in weights and tuple(t.shape) not in shapes:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast("cpu", torch.bfloat16, enabled=amp):
-            model(idx, idx)
-    return sum(storages.values())
 
 @pytest.mark.parametrize("amp", [False, True])
 @pytest.mark.parametrize("shape", [dict(n_kv_head=2), dict(n_kv_head=4, tie_embeddings=True, n_embd=64)])
@@ -33,7 +17,8 @@ def test_the_activation_plan_is_the_bytes_saved_for_backward(amp, shape):
     model = Transformer(tiny_config(n_layer=3, **shape))
     B, T = 4, 64
     idx = torch.randint(0, 96, (B, T))
-    measured = saved_bytes(model, idx, amp)
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=amp)
+    measured = saved_bytes(model, idx, autocast)
     # On a CPU, model.py keeps attention in fp32 under autocast.
     per_position = model.config.n_layer * block_bytes(model.config, amp, attention_fp32=True)
     saved, logits = head_bytes(model.config, amp, B * T, loss_chunk=0)
@@ -42,7 +27,7 @@ def test_the_activation_plan_is_the_bytes_saved_for_backward(amp, shape):
     # Checkpointing keeps only each block's input (fp32, the residual stream) of all the blocks save
     model.checkpointing = True
     inputs = model.config.n_layer * 4 * model.config.n_embd
-    assert saved_bytes(model, idx, amp) == pytest.approx(B * T * (inputs + saved + 4 * model.config.vocab_size),
+    assert saved_bytes(model, idx, autocast) == pytest.approx(B * T * (inputs + saved + 4 * model.config.vocab_size),
                                                          rel=0.03)
     assert logits >= 4 * B * T * model.config.vocab_size
 
