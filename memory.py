@@ -45,6 +45,10 @@ def head_bytes(mc, amp, tokens, loss_chunk):
     logits_per_row = (a + 4 + 4 if amp else 4 + 4) * mc.vocab_size  # fp32: the logits are their copy
     return saved, rows * logits_per_row
 
+def size(n):
+    """Bytes as GiB, or MiB below one GiB."""
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2 ** 20:.1f} MiB"
+
 @dataclass
 class MemoryPlan:
     """Bytes per process, by part."""

@@ -47,7 +47,7 @@ from common import (atomic_write, autocast, check, die, flag, gpu_peak_flops, lo
                     pick_device, pick_dtype, run_main, save_checkpoint, setting, tokenizer_fingerprint,
                     tokenizer_from_checkpoint)
 from data import Mixture, data_sources, load_data, tokenizer_of
-from memory import GiB, fixes, memory_plan
+from memory import GiB, fixes, memory_plan, size
 from model import ModelConfig, Transformer
 from muon import Muon
 
@@ -687,6 +687,13 @@ def print_memory(log, cfg, model, rt):
                        attention_fp32=rt.device.type == "cpu", checkpointing=cfg.activation_checkpointing,
                        loss_chunk=model.loss_chunk)
     log.print(f"memory  {plan.line()}")
+    # each saver flipped: what turning it on would save, or what turning it off would cost
+    flipped = memory_plan(model, cfg.batch_size, rt.world, rt.fsdp, cfg.optimizer, amp=rt.dtype != torch.float32,
+                          attention_fp32=rt.device.type == "cpu", checkpointing=not cfg.activation_checkpointing,
+                          loss_chunk=0 if model.loss_chunk else LOSS_CHUNK)
+    word = {True: "without", False: "with"}
+    log.print(f"        activations {size(flipped.activations)} {word[cfg.activation_checkpointing]} "
+              f"--activation-checkpointing, logits {size(flipped.logits)} {word[cfg.chunked_loss]} --chunked-loss")
     capacity = cfg.gpu_memory * GiB or (torch.cuda.get_device_properties(rt.device).total_memory
                                         if rt.device.type == "cuda" else 0)
     if not capacity:
