@@ -19,28 +19,34 @@ import torch
 
 GiB = 2 ** 30
 
+def norm_bytes(mc):
+    """Per position: RMSNorm keeps its fp32 input, the normalized copy and 1 / rms; LayerNorm its input,
+    mean and 1 / std."""
+    return {"rmsnorm": 8 * mc.n_embd + 4, "layernorm": 4 * mc.n_embd + 8, "none": 0}[mc.norm]
+
 def block_bytes(mc, amp, attention_fp32):
     """Bytes one block saves for backward per position: amp = autocast (2-byte matmuls) on, and
     attention_fp32 = attention kept in fp32 under it (model.py does so on a CPU)."""
     C, Ckv, F, H = mc.n_embd, mc.n_kv_head * mc.head_dim, mc.ffn_hidden, mc.n_head
     a = 2 if amp else 4                     # a matmul's input or output
     att = 4 if attention_fp32 or not amp else 2
-    norms = 2 * (4 * C + 4 * C + 4)         # each RMSNorm: its fp32 input, normalized copy, 1 / rms
+    swiglu = mc.mlp == "swiglu"
     # The inputs the matmuls keep for their weight gradients. Autocast casts the normed stream once per
     # matmul: q, k, v get three copies, gate and up two. In fp32 they share one tensor per sublayer.
-    matmul_inputs = a * C * (5 if amp else 2)
+    matmul_inputs = a * C * ((3 + (2 if swiglu else 1)) if amp else 2)
     attention = att * (C + 2 * Ckv) + 4 * H  # q, k, v (after RoPE) and the log-sum-exp per head
     # its output, whose memory is already in o_proj's input layout unless it is cast for o_proj
     attention += att * C + (a * C if att != a else 0)
-    mlp = 4 * a * F                          # gate, silu(gate), up, and their product (down's input)
-    return norms + matmul_inputs + attention + mlp
+    # SwiGLU: gate, silu(gate), up and their product (down's input); GELU/SiLU: up and act(up)
+    mlp = (4 if swiglu else 2) * a * F
+    return 2 * norm_bytes(mc) + matmul_inputs + attention + mlp
 
 def head_bytes(mc, amp, tokens, loss_chunk):
     """(bytes saved per position outside the blocks, peak bytes of the logits for tokens positions):
     the ids, the last norm and lm_head's input; the logits in the compute dtype, their fp32 copy and
     the fp32 log-probabilities cross_entropy keeps, for loss_chunk positions at a time if given."""
     a = 2 if amp else 4
-    saved = 16 + 8 * mc.n_embd + 4 + a * mc.n_embd
+    saved = 16 + norm_bytes(mc) + a * mc.n_embd
     rows = min(tokens, loss_chunk) if loss_chunk else tokens
     logits_per_row = (a + 4 + 4 if amp else 4 + 4) * mc.vocab_size  # fp32: the logits are their copy
     return saved, rows * logits_per_row
