@@ -447,11 +447,14 @@ def start(rt, cfg):
     # TF32 for fp32 matmuls on Ampere and later GPUs. Not "medium" on CPUs: it moves fp32 matmuls to
     # oneDNN, which trained 0.77x as fast at d128 and 1.02x at d512 here (2-core EPYC, measured).
     torch.set_float32_matmul_precision("high")
-    # torch.compile on a CPU: +53% tokens/s on the demo, but ~30 s to compile, more than it saves there
-    rt.compile = cfg.compile == "true" or (cfg.compile == "auto" and rt.device.type == "cuda")
+    rt.compile = compiles(cfg, rt.device)
     # MFU against the GPU's datasheet peak, or on a CPU against its matmul peak, measured (~0.2 s)
     rt.peak_flops = cfg.peak_flops or gpu_peak_flops(rt.device) or (
         matmul_flops(rt.device, rt.dtype) if rt.device.type == "cpu" else 0.0)
+
+def compiles(cfg, device):
+    # torch.compile on a CPU: +53% tokens/s on the demo, but ~30 s to compile, more than it saves there
+    return cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
 
 def stop_processes(rt):
     # The barrier lets every rank finish its last collective before any rank tears down; then the
@@ -683,14 +686,13 @@ def print_plan(log, cfg, model, rt, train, val, tokenizer, step, max_iters, batc
 def print_memory(log, cfg, model, rt):
     """The memory plan per process (memory.py), and against the GPU's memory, with the fixes when
     it will not fit."""
-    plan = memory_plan(model, cfg.batch_size, rt.world, rt.fsdp, cfg.optimizer, amp=rt.dtype != torch.float32,
-                       attention_fp32=rt.device.type == "cpu", checkpointing=cfg.activation_checkpointing,
-                       loss_chunk=model.loss_chunk)
+    plan_with = functools.partial(memory_plan, model, cfg.batch_size, rt.world, rt.fsdp, cfg.optimizer,
+                                  amp=rt.dtype != torch.float32, attention_fp32=rt.device.type == "cpu")
+    plan = plan_with(checkpointing=cfg.activation_checkpointing, loss_chunk=model.loss_chunk)
     log.print(f"memory  {plan.line()}")
     # each saver flipped: what turning it on would save, or what turning it off would cost
-    flipped = memory_plan(model, cfg.batch_size, rt.world, rt.fsdp, cfg.optimizer, amp=rt.dtype != torch.float32,
-                          attention_fp32=rt.device.type == "cpu", checkpointing=not cfg.activation_checkpointing,
-                          loss_chunk=0 if model.loss_chunk else LOSS_CHUNK)
+    flipped = plan_with(checkpointing=not cfg.activation_checkpointing,
+                        loss_chunk=0 if model.loss_chunk else LOSS_CHUNK)
     word = {True: "without", False: "with"}
     log.print(f"        activations {size(flipped.activations)} {word[cfg.activation_checkpointing]} "
               f"--activation-checkpointing, logits {size(flipped.logits)} {word[cfg.chunked_loss]} --chunked-loss")
@@ -716,7 +718,7 @@ def dry_run(cfg, model_cfg, rt):
     rt.device = torch.device("cuda") if cfg.gpu_memory else pick_device(cfg.device)
     floats = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     rt.dtype = floats.get(cfg.dtype, torch.bfloat16) if cfg.gpu_memory else pick_dtype(cfg.dtype, rt.device)
-    rt.compile = cfg.compile == "true" or (cfg.compile == "auto" and rt.device.type == "cuda")
+    rt.compile = compiles(cfg, rt.device)
     batch_tokens, accum, max_iters = batch_plan(cfg, model_cfg.max_seq_len, rt.world)
     print_plan(RunLog("", True), cfg, model, rt, None, None, None, 0, max_iters, batch_tokens, accum, None)
 
