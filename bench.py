@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from memory import block_bytes, head_bytes, saved_bytes
+from memory import kept_bytes, saved_bytes
 from model import ModelConfig, Transformer, to_hf
 from common import (autocast, check, cpu_has_bf16, die, flag, gpu_peak_flops, matmul_flops, one_line,
                     parse_config, parse_flags, pick_device, run_main, setting)
@@ -243,12 +243,10 @@ def bench_memory(cfg, ours, device, amp, dtype):
     idx = torch.randint(0, cfg.vocab_size, (B, T), generator=g).to(device)
     variants = {"plain": (False, 0), "checkpointing": (True, 0), "chunked_loss": (False, T), "both": (True, T)}
     out, steps = {}, {}
-    saved, _ = head_bytes(mc, is_amp, B * T, 0)
     for name, (checkpointing, chunk) in variants.items():
         ours.checkpointing, ours.loss_chunk = checkpointing, chunk
-        per_block = 4 * mc.n_embd if checkpointing else block_bytes(mc, is_amp, cpu_fp32_attention)
-        logits_kept = 0 if chunk else 4 * mc.vocab_size  # the fp32 log-probabilities, unless remade later
-        planned = B * T * (mc.n_layer * per_block + saved + logits_kept)
+        # the chunked loss keeps no log-probabilities: it remakes them in the backward pass
+        planned = kept_bytes(mc, B * T, is_amp, cpu_fp32_attention, checkpointing, log_probs=not chunk)
         measured = saved_bytes(ours, idx, amp)
         out[name] = {"saved_mb": round(measured / 2**20, 2), "planned_mb": round(planned / 2**20, 2),
                      "measured_over_planned": round(measured / planned, 3)}

@@ -41,15 +41,21 @@ def block_bytes(mc, amp, attention_fp32):
     mlp = (4 if swiglu else 2) * a * F
     return 2 * norm_bytes(mc) + matmul_inputs + attention + mlp
 
-def head_bytes(mc, amp, tokens, loss_chunk):
-    """(bytes saved per position outside the blocks, peak bytes of the logits for tokens positions):
-    the ids, the last norm and lm_head's input; the logits in the compute dtype, their fp32 copy and
-    the fp32 log-probabilities cross_entropy keeps, for loss_chunk positions at a time if given."""
+def kept_bytes(mc, tokens, amp, attention_fp32=False, checkpointing=False, log_probs=False):
+    """Bytes autograd holds for the backward pass when a forward of tokens positions ends (what
+    saved_bytes measures): each block's saved tensors, or checkpointed only its fp32 input; the ids,
+    the last norm and lm_head's input; with log_probs the fp32 log-probabilities the plain loss keeps
+    (the plan counts those with the logits)."""
     a = 2 if amp else 4
-    saved = 16 + norm_bytes(mc) + a * mc.n_embd
+    per_block = 4 * mc.n_embd if checkpointing else block_bytes(mc, amp, attention_fp32)
+    head = 16 + norm_bytes(mc) + a * mc.n_embd + (4 * mc.vocab_size if log_probs else 0)
+    return tokens * (mc.n_layer * per_block + head)
+
+def logits_bytes(mc, amp, tokens, loss_chunk):
+    """Peak bytes of the logits for tokens positions, loss_chunk at a time if given: in the compute
+    dtype, their fp32 copy and the fp32 log-probabilities cross_entropy keeps."""
     rows = min(tokens, loss_chunk) if loss_chunk else tokens
-    logits_per_row = (a + 4 + 4 if amp else 4 + 4) * mc.vocab_size  # fp32: the logits are their copy
-    return saved, rows * logits_per_row
+    return rows * (2 + 4 + 4 if amp else 4 + 4) * mc.vocab_size  # fp32: the logits are their own copy
 
 def size(n):
     """Bytes as GiB, or MiB below one GiB."""
@@ -95,15 +101,14 @@ def memory_plan(model, batch_size, world, fsdp, optimizer, amp, attention_fp32=F
     else:
         comms = 4 * n if world > 1 else 0
     tokens = batch_size * T
-    saved, logits = head_bytes(mc, amp, tokens, loss_chunk)
-    per_block = block_bytes(mc, amp, attention_fp32)
-    # Checkpointing keeps each block's fp32 input and redoes one block at a time in the backward pass.
-    blocks = mc.n_layer * 4 * mc.n_embd + per_block if checkpointing else mc.n_layer * per_block
+    kept = kept_bytes(mc, tokens, amp, attention_fp32, checkpointing)
+    # Checkpointing redoes one block at a time in the backward pass: its tensors exist meanwhile.
+    redone = tokens * block_bytes(mc, amp, attention_fp32) if checkpointing else 0
     # Autocast's bf16 copies of the weights, kept for backward (a checkpointed block remakes its own)
     held = n_head + (n_matrices / mc.n_layer if checkpointing else n_matrices)
     weight_copies = 2 * held if amp and not fsdp else 0
     return MemoryPlan(weights=4 * n / shards, grads=4 * n / shards, optimizer=state / shards, comms=comms,
-                      activations=tokens * (blocks + saved) + weight_copies, logits=logits)
+                      activations=kept + redone + weight_copies, logits=logits_bytes(mc, amp, tokens, loss_chunk))
 
 def fixes(plan, batch_size, fsdp, checkpointing, chunked):
     """The changes that shrink the largest parts, most effective first, as flags."""
