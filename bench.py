@@ -41,22 +41,23 @@ import torch
 import torch.nn.functional as F
 
 from memory import kept_bytes, saved_bytes
-from model import ModelConfig, Transformer, to_hf
+from hf import to_hf
+from model import ModelConfig, Transformer
 from common import (autocast, check, cpu_has_bf16, die, flag, gpu_peak_flops, matmul_flops, one_line,
                     parse_config, parse_flags, pick_device, run_main, setting)
 
 SECTIONS = ("train", "decode", "tokenize", "limit", "time_to_loss", "memory")
 # The time_to_loss runs: train.py's flags and the val loss to reach. nanogpt: nanoGPT's published CPU
 # config for character-level Shakespeare (val 1.88 after 2,000 steps), here on bytes (the same for
-# this ASCII text); demo: the shakespeare_cpu preset on the 4096-token BPE (4.44 before this change).
+# this ASCII text); demo: train.py's defaults (the CPU demo) on the 4096-token BPE (4.44 before this change).
 TTL_RUNS = {  # name: (train.py flags, more flags per optimizer, prepare.py flags, target val loss)
     "nanogpt": (["--n-layer=4", "--n-head=4", "--n-kv-head=4", "--n-embd=128", "--multiple-of=32",
                  "--max-seq-len=64", "--batch-size=12", "--max-iters=2000", "--lr=1e-3", "--min-lr-ratio=0.1",
                  "--warmup-iters=100", "--beta2=0.99", "--dropout=0", "--tie-embeddings", "--eval-every=100",
                  "--eval-batches=20"], {"adamw": [], "muon": ["--muon-lr=0.02", "--muon-momentum=0.95"]},
                 ["--vocab-size", "256", "--val-fraction", "0.1"], 1.88),
-    # the preset is Muon's; AdamW gets the recipe the preset had before Muon (600 steps at 2e-3)
-    "demo": (["--preset=shakespeare_cpu", "--eval-every=50"],
+    # the demo is Muon's; AdamW gets the recipe the demo had before Muon (600 steps at 2e-3)
+    "demo": (["--eval-every=50"],
              {"adamw": ["--max-iters=600", "--lr=2e-3", "--warmup-iters=50"], "muon": []},
              ["--preset", "shakespeare"], 4.44),
 }
@@ -84,10 +85,10 @@ class BenchConfig:
     tokenize_copies: int = setting(10, "the tokenize section's corpus: this many copies of --text-file")
     peak_flops: float = setting(0.0, "accelerator peak FLOP/s for MFU; 0 = looked up in common.PEAK_FLOPS")
     seed: int = setting(0, "seed of weights and inputs")
-    ttl_run: str = setting("nanogpt", "time_to_loss: nanogpt (nanoGPT's CPU config on bytes) or demo (the CPU preset)")
+    ttl_run: str = setting("nanogpt", "time_to_loss: nanogpt (nanoGPT's CPU config on bytes) or demo (train.py's defaults)")
     ttl_variants: str = setting("fp32-adamw,bf16-adamw,bf16-muon", "time_to_loss: the runs, dtype-optimizer")
     ttl_target: float = setting(0.0, "time_to_loss: the val loss to reach; 0 = 1.88 (nanogpt) or 4.44 (demo)")
-    ttl_steps: int = setting(0, "time_to_loss: steps per run; 0 = the run's own (2,000 or the preset's)")
+    ttl_steps: int = setting(0, "time_to_loss: steps per run; 0 = the run's own (2,000, or the demo's 250)")
 
     def __post_init__(self):
         check(set(self.sections.split(",")) <= set(SECTIONS),
@@ -148,7 +149,7 @@ def build_models(cfg, device):
     """Our Transformer and, if transformers is installed, the same weights in LlamaForCausalLM."""
     torch.manual_seed(cfg.seed)
     mcfg = ModelConfig(vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                       n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd,
+                       n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd, multiple_of=256, tie_embeddings=False,
                        max_seq_len=max(cfg.seq_len, cfg.decode_prompt_len + cfg.decode_new_tokens))
     ours = Transformer(mcfg).to(device)
     try:

@@ -1,18 +1,15 @@
 """
-The helpers every script shares, each written once: settings from the command line, the error
-path, device and precision, tokenizers, checkpoints, and writes that never leave a file half done.
+What every script shares, written once: the error path, settings from the command line, device and
+precision, and files that are never half written (atomic writes, folder swaps, one run per folder).
 
-    from common import die, setting, parse_flags, pick_device, load_checkpoint, save_checkpoint
+    from common import die, setting, parse_flags, pick_device, atomic_write
 
 torch is imported inside the functions that need it, so prepare.py starts without it.
 """
 import argparse
-import base64
 import contextlib
 import ctypes
 import dataclasses
-import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -21,8 +18,6 @@ import sys
 import types
 import typing
 from pathlib import Path
-
-import tiktoken
 
 # --- The error path -------------------------------------------------------------------------------
 _progress_shown = False  # a progress line drawn with \r is on screen: the next message needs a new line
@@ -44,7 +39,19 @@ def die(message):
     """A user error: one line naming the problem and the fix, exit code 2, no traceback."""
     end_progress()
     print(f"error: {message}", file=sys.stderr, flush=True)
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:  # under torchrun: its failure summary, the last thing it prints, shows this file
+        write_error_file(path, f"error: {message}")
     sys.exit(2)
+
+def write_error_file(path, text):
+    """The file torch.distributed.elastic's @record writes for an exception (the same JSON layout),
+    written for our one-line error: torchrun's root-cause summary then ends with the reason rather
+    than a ChildFailedError traceback with the line 30 lines above it."""
+    import time
+    with contextlib.suppress(OSError), open(path, "w") as f:
+        json.dump({"message": {"message": text, "extraInfo": {"py_callstack": text,
+                                                              "timestamp": str(int(time.time()))}}}, f)
 
 def one_line(e):
     """An exception as a short single line, for messages that quote it."""
@@ -186,10 +193,14 @@ def pick_dtype(name, device):
     return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else torch.float32
 
 def matmul_flops(device, dtype, n=2048, repeats=3):
-    """Measured peak matmul FLOP/s of device in dtype: the best of a few n x n products."""
+    """Measured peak matmul FLOP/s of device in dtype: the best of a few n x n products. A CPU without
+    native bf16 emulates it ~50x slower than fp32 (measured on an AVX2-only EPYC): its peak is fp32's,
+    and timing the emulation would take minutes."""
     import time
 
     import torch
+    if device.type == "cpu" and dtype != torch.float32 and not cpu_has_bf16():
+        dtype = torch.float32
     g = torch.Generator().manual_seed(0)  # its own: drawing from torch's would shift a run's dropout
     a, b = (torch.randn(n, n, generator=g).to(device, dtype) for _ in range(2))
     best = math.inf
@@ -220,43 +231,6 @@ def gpu_peak_flops(device):
     import torch
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return next((flops for key, flops in PEAK_FLOPS if key in name), 0.0) if name else 0.0
-
-# --- Tokenizers: a tiktoken encoding by name, or BPE ranks in tiktoken's file format --------------
-# GPT-2's pre-tokenizer: contractions, letter runs, digit runs and punctuation runs (each taking one
-# leading space), then whitespace. BPE never merges across these pieces. prepare.py's BPE uses it, and
-# llama.cpp knows it as the "gpt-2" pre-tokenizer.
-GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-def load_tokenizer(spec, folder=None):
-    """The tiktoken.Encoding of a tokenizer spec (meta.json's "tokenizer"): {"kind": "tiktoken",
-    "name"} (plus "special_tokens" to add, if any), or {"kind": "bpe", "name", "pat_str",
-    "special_tokens"} with the ranks file's text in "ranks" (as checkpoints carry it) or its name in
-    "ranks_file" (read from folder)."""
-    if spec["kind"] == "tiktoken":  # a named encoding, with the special tokens added by chat.py if any
-        enc = tiktoken.get_encoding(spec["name"])
-        extra = spec.get("special_tokens", {})
-        if extra.items() <= enc._special_tokens.items():
-            return enc
-        return tiktoken.Encoding(spec["name"] + "-chat", pat_str=enc._pat_str,
-                                 mergeable_ranks=enc._mergeable_ranks, special_tokens={**enc._special_tokens, **extra})
-    text = spec["ranks"] if "ranks" in spec else Path(folder or ".", spec["ranks_file"]).read_text()
-    ranks = {base64.b64decode(token): int(rank)
-             for token, rank in (line.split() for line in text.splitlines())}
-    return tiktoken.Encoding(spec["name"], pat_str=spec["pat_str"], mergeable_ranks=ranks,
-                             special_tokens=spec["special_tokens"])
-
-def ranks_text(tokens):
-    """tiktoken's ranks-file format: one "base64(token) rank" line per token, tokens in rank order."""
-    return "".join(f"{base64.b64encode(token).decode()} {rank}\n" for rank, token in enumerate(tokens))
-
-def tokenizer_fingerprint(enc):
-    """A short hash of what decides the ids (ranks, split pattern, special tokens), not of names:
-    two tokenizers with the same fingerprint turn every text into the same ids."""
-    h = hashlib.sha256(enc._pat_str.encode())
-    for token, rank in sorted(enc._mergeable_ranks.items(), key=lambda kv: kv[1]):
-        h.update(b"%d %s\n" % (rank, base64.b64encode(token)))
-    h.update(json.dumps(sorted(enc._special_tokens.items())).encode())
-    return h.hexdigest()[:16]
 
 # --- Files: atomic writes, folder swaps, one run per folder ---------------------------------------
 def download(url, path, hint):
@@ -349,167 +323,3 @@ def swap_in(new, final):
     else:
         new.rename(final)
     fsync_folder(final.parent)
-
-# --- Checkpoints ----------------------------------------------------------------------------------
-CHECKPOINT_VERSION = 1
-CHECKPOINT_KEYS = {"version": int, "model": dict, "model_config": dict, "train_config": dict, "step": int,
-                   "tokens_seen": int, "best_val_loss": float, "tokenizer": dict, "eot_id": int}
-
-def save_checkpoint(path, model, tokenizer, eot_id, weights=None, **training_state):
-    """Write a checkpoint atomically (see atomic_write): the model's weights (pass the uncompiled
-    module, or its state dict as weights) and config, the tokenizer spec and end-of-text id, so
-    sampling needs nothing else, plus what train.py adds to resume (train_config, optimizer, step, ...)."""
-    import torch
-    state = {"version": CHECKPOINT_VERSION, "model": model.state_dict() if weights is None else weights,
-             "model_config": dataclasses.asdict(model.config), "tokenizer": tokenizer, "eot_id": eot_id,
-             "train_config": {}, "step": 0, "tokens_seen": 0, "best_val_loss": math.inf, **training_state}
-    with atomic_write(path) as f:
-        torch.save(state, f)
-
-def load_checkpoint(path):
-    """The dict train.py saved at path, after checking the file, its version and its keys; anything
-    else is a one-line error. weights_only: a checkpoint is data, and unpickling objects could run code."""
-    import torch
-    if not os.path.isfile(path):
-        die(f"checkpoint {path} not found (train.py writes OUT_DIR/ckpt.pt and OUT_DIR/best.pt)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several kinds for a damaged file
-        die(f"cannot read checkpoint {path} ({type(e).__name__}); is the file complete?")
-    ckpt = ckpt if isinstance(ckpt, dict) else {}
-    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
-    if missing or ckpt["version"] != CHECKPOINT_VERSION:
-        die(f"{path} is not a version-{CHECKPOINT_VERSION} checkpoint of this repo "
-            f"(version={ckpt.get('version')}, missing keys: {missing or 'none'}); "
-            "use the code of the version that wrote it")
-    wrong = [k for k, kind in CHECKPOINT_KEYS.items() if not isinstance(ckpt[k], kind)]
-    if wrong:
-        die(f"{path} is damaged: {', '.join(wrong)} of the wrong type")
-    return ckpt
-
-def model_from_checkpoint(ckpt, path):
-    """The fp32 Transformer a checkpoint holds, on the CPU; weights that do not fit it are an error."""
-    from model import ModelConfig, Transformer
-    try:
-        model = Transformer(ModelConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, RuntimeError) as e:
-        die(f"{path} does not fit this model.py: {one_line(e)}")
-    return model
-
-def tokenizer_from_checkpoint(ckpt, path, vocab_size):
-    """The checkpoint's tokenizer, checked against the model's vocabulary and end-of-text id."""
-    try:
-        enc = load_tokenizer(ckpt["tokenizer"])
-    except Exception as e:  # a damaged spec, or tiktoken offline without its cache
-        die(f"cannot build the tokenizer of {path}: {one_line(e)}")
-    if enc.n_vocab > vocab_size or not 0 <= ckpt["eot_id"] < enc.n_vocab:
-        die(f"{path} is damaged: its tokenizer has {enc.n_vocab} ids, the model {vocab_size}, "
-            f"end-of-text is {ckpt['eot_id']}")
-    return enc
-
-def load_for_inference(path):
-    """(model, tokenizer, end-of-text id, tokenizer spec) of a train.py checkpoint; fp32, on the CPU."""
-    ckpt = load_checkpoint(path)
-    model = model_from_checkpoint(ckpt, path)
-    enc = tokenizer_from_checkpoint(ckpt, path, model.config.vocab_size)
-    return model, enc, ckpt["eot_id"], ckpt["tokenizer"]
-
-def bytes_to_unicode():
-    """GPT-2's byte -> character map behind byte-level BPE files: printable Latin-1 bytes stand for
-    themselves, the others (space, control bytes) move to U+0100 onwards, so tokens are visible strings."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-            *range(ord("®"), ord("ÿ") + 1)]
-    moved = [b for b in range(256) if b not in keep]
-    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
-
-# The text a converted tokenizer must encode exactly as the folder's own tokenizer does.
-PROBE = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
-         "  It's 2026; they'll pay $1,234.56 -- naïve café, 日本語, emoji 🦙👍🏽, tabs\t\tand   spaces\r\n")
-
-def tokenizer_from_hf(folder):
-    """A tokenizer spec (kind "bpe", ranks inline) for a Hugging Face folder's byte-level BPE
-    tokenizer.json (GPT-2's family: GPT-2, SmolLM, our exports), checked against the `tokenizers`
-    package on PROBE. Others (SentencePiece, as in Llama 2 and TinyLlama) are refused."""
-    try:
-        import tokenizers
-    except ImportError:
-        die("reading a Hugging Face tokenizer.json needs the tokenizers package: pip install tokenizers")
-    path = os.path.join(folder, "tokenizer.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            spec = json.load(f)
-        hf = tokenizers.Tokenizer.from_file(path)
-        model, pre = spec["model"], json.dumps(spec.get("pre_tokenizer"))
-        assert model["type"] == "BPE" and "ByteLevel" in pre, "not a byte-level BPE"
-        # the split pattern: an explicit Split regex, or ByteLevel's own (GPT-2's)
-        steps = spec["pre_tokenizer"].get("pretokenizers") or [spec["pre_tokenizer"]]
-        splits = [p["pattern"]["Regex"] for p in steps
-                  if p.get("type") == "Split" and "Regex" in p.get("pattern", {})]
-        pattern = splits[0] if splits else GPT2_PAT
-        if any(p.get("type") == "Digits" and p.get("individual_digits") for p in steps):  # SmolLM's
-            pattern = pattern.replace(r" ?\p{N}+", r"\p{N}")  # each digit its own piece
-        byte_of = {c: b for b, c in bytes_to_unicode().items()}
-        specials = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
-        ranks = {bytes(byte_of[c] for c in token): rank for token, rank in model["vocab"].items()
-                 if token not in specials}
-    except Exception as e:  # a missing or malformed file, or another kind of tokenizer
-        die(f"cannot use the tokenizer of {folder}: {one_line(e)}; byte-level BPE tokenizers (GPT-2, SmolLM, "
-            "export.py folders) work")
-    if "<|endoftext|>" not in specials:  # the token that starts each document here
-        die(f"the tokenizer of {folder} has no <|endoftext|> special token, which the scripts need")
-    lines = "".join(f"{base64.b64encode(t).decode()} {rank}\n"
-                    for t, rank in sorted(ranks.items(), key=lambda x: x[1]))
-    ours = {"kind": "bpe", "name": "hf:" + os.path.basename(os.path.abspath(folder)), "pat_str": pattern,
-            "special_tokens": specials, "ranks": lines}
-    enc = load_tokenizer(ours)
-    if enc.encode_ordinary(PROBE) != hf.encode(PROBE, add_special_tokens=False).ids:
-        die(f"the tokenizer of {folder} does not give the same ids through tiktoken; it is not supported")
-    return ours
-
-def load_hf_state(folder):
-    """The tensors of model.safetensors, or of the shards model.safetensors.index.json lists."""
-    from safetensors.torch import load_file
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if not os.path.exists(index):
-        return load_file(os.path.join(folder, "model.safetensors"))
-    with open(index) as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
-    return {name: t for shard in shards for name, t in load_file(os.path.join(folder, shard)).items()}
-
-def load_hf_folder(folder, tokenizer_name=""):
-    """The same four from a Llama folder in Hugging Face's format (config.json + safetensors, sharded
-    or not). The tokenizer: tiktoken's tokenizer_name if given, else our spec that export.py stores in
-    config.json, else the folder's tokenizer.json (a byte-level BPE; tokenizer_from_hf)."""
-    from model import Transformer, from_hf
-    if importlib.util.find_spec("safetensors") is None:  # optional: only the Hugging Face format needs it
-        die("reading a Hugging Face folder needs safetensors: pip install safetensors")
-    try:
-        with open(os.path.join(folder, "config.json")) as f:
-            hf_config = json.load(f)
-        state, cfg = from_hf(load_hf_state(folder), hf_config)
-        model = Transformer(cfg)
-        model.load_state_dict(state)  # copies into the fp32 parameters, whatever the file's dtype
-    except Exception as e:
-        die(f"cannot load {folder} as a Llama (config.json + model.safetensors): {one_line(e)}")
-    ours = hf_config.get("tiktoken_spec")  # a transformers re-save keeps it, but not the ranks file beside it
-    if not (isinstance(ours, dict) and os.path.exists(os.path.join(folder, ours.get("ranks_file", "")))):
-        ours = None
-    if tokenizer_name:
-        spec = {"kind": "tiktoken", "name": tokenizer_name}
-    elif ours:
-        spec = ours
-    elif os.path.exists(os.path.join(folder, "tokenizer.json")):
-        spec = tokenizer_from_hf(folder)
-    else:
-        die(f"{folder} has no tokenizer (tokenizer.json, or the tiktoken_spec export.py writes); name one, "
-            "e.g. --tokenizer r50k_base")
-    try:
-        enc = load_tokenizer(spec, folder)
-    except Exception as e:
-        die(f"cannot build the tokenizer of {folder} from {json.dumps(spec)[:80]}: {one_line(e)}")
-    eot_id = hf_config.get("eos_token_id") if ours and not tokenizer_name else enc.eot_token
-    if enc.n_vocab > cfg.vocab_size or not isinstance(eot_id, int) or not 0 <= eot_id < enc.n_vocab:
-        die(f"{folder}: the tokenizer has {enc.n_vocab} ids and end-of-text {eot_id}, the model "
-            f"vocab_size={cfg.vocab_size}; wrong tokenizer?")
-    return model, enc, eot_id, spec

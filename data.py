@@ -14,7 +14,8 @@ import os
 import numpy as np
 import torch
 
-from common import die, load_tokenizer, one_line, tokenizer_fingerprint
+from common import die, one_line
+from tokenizer import load_tokenizer, tokenizer_fingerprint
 def load_meta(folder):
     """meta.json of a prepare.py folder, every field train.py uses checked, and the shards' sizes."""
     path = os.path.join(folder, "meta.json")

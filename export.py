@@ -19,16 +19,16 @@ which sample.py --hf-dir reads. The folder is built beside --out and swapped in 
 crash never leaves half an export; replacing an existing folder needs --force.
 """
 import importlib.util
-import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import chat
-from common import (GPT2_PAT, bytes_to_unicode, check, die, load_for_inference, lock, parse_config, parse_flags,
-                    ranks_text, run_main, setting, swap_in)
-from model import to_hf
+from checkpoint import load_for_inference
+from common import check, die, lock, parse_config, parse_flags, run_main, setting, swap_in
+from hf import export_hf, to_hf, vocab_and_merges
+from tokenizer import GPT2_PAT
 
 @dataclass
 class ExportConfig:
@@ -42,83 +42,6 @@ class ExportConfig:
     def __post_init__(self):
         check(self.ckpt, "--ckpt is empty; name a checkpoint written by train.py")
         check(self.gguf in ("", "f32", "f16", "bf16"), f"--gguf={self.gguf} must be f32, f16 or bf16")
-
-def vocab_and_merges(enc):
-    """enc as byte-level BPE files have it: {token as GPT-2's visible characters: id} (special tokens
-    as their text) and the merges [(left, right)], highest priority first."""
-    # {token bytes: id} and the split regex: tiktoken has no public getters for them
-    char, ranks = bytes_to_unicode(), enc._mergeable_ranks
-
-    def as_str(token):
-        return "".join(char[b] for b in token)
-    specials = {s: enc.encode_single_token(s) for s in enc.special_tokens_set}
-    # tiktoken merges the adjacent pair whose concatenation has the lowest rank; BPE files the pair
-    # listed first. So list every split of every token into two tokens, in the order of ranks.
-    merges = [(as_str(t[:i]), as_str(t[i:])) for t, _ in sorted(ranks.items(), key=lambda kv: kv[1])
-              for i in range(1, len(t)) if t[:i] in ranks and t[i:] in ranks]
-    return {**{as_str(t): i for t, i in ranks.items()}, **specials}, merges
-
-def write_hf_tokenizer(enc, eot_id, max_seq_len, folder):
-    """tokenizer.json + tokenizer_config.json that encode like enc, if `tokenizers` is installed."""
-    try:
-        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-    except ImportError:
-        print("note: no tokenizer.json: the `tokenizers` package is missing (pip install transformers)")
-        return
-    vocab, merges = vocab_and_merges(enc)
-    specials, pattern = enc.special_tokens_set, enc._pat_str
-    # ignore_merges: a regex piece that is itself a token is taken whole, as tiktoken does.
-    tok = Tokenizer(models.BPE(vocab, merges, ignore_merges=True))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([  # tiktoken's split regex, then bytes -> characters
-        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
-    tok.save(os.path.join(folder, "tokenizer.json"))
-    eot = enc.decode_single_token_bytes(eot_id).decode()
-    # A chat model ends its replies with <|im_end|>, and transformers' apply_chat_template renders
-    # chat.py's layout from the jinja template (our end-of-text as its bos_token).
-    chat_files = dict(eos_token=chat.TURN_END, chat_template=chat.JINJA_TEMPLATE) if chat.is_chat(enc) else {}
-    # The plain fast tokenizer: LlamaTokenizerFast, chosen from config.json otherwise, prepends BOS.
-    write_json(folder, "tokenizer_config.json", dict(tokenizer_class="PreTrainedTokenizerFast", bos_token=eot,
-               eos_token=eot, pad_token=eot, model_max_length=max_seq_len, clean_up_tokenization_spaces=False)
-               | chat_files)
-
-def write_json(folder, name, obj):
-    with open(os.path.join(folder, name), "w") as f:
-        json.dump(obj, f, indent=2)
-
-def export_hf(model, enc, eot_id, spec, folder):
-    """Write the Hugging Face files of model and its tokenizer into folder (which exists, empty)."""
-    from safetensors.torch import save_file
-    try:
-        state, config = to_hf(model.state_dict(), model.config)
-    except ValueError as e:
-        die(f"cannot export: {e}; Hugging Face Llama has no such variant")
-    # The rows past the tokenizer's ids (train.py rounds the vocabulary up to a multiple of 64) are
-    # cut off: a sampler elsewhere could otherwise pick an id that stands for no text.
-    n = enc.n_vocab
-    state = {k: v[:n] if k in ("model.embed_tokens.weight", "lm_head.weight") else v for k, v in state.items()}
-    config = {**config, "vocab_size": n}
-    if spec["kind"] == "bpe":  # the ranks go beside config.json rather than inside it
-        with open(os.path.join(folder, "tokenizer.tiktoken"), "w") as f:
-            f.write(ranks_text(sorted(enc._mergeable_ranks, key=enc._mergeable_ranks.get)))
-        spec = {**{k: v for k, v in spec.items() if k not in ("ranks", "ranks_file")},
-                "ranks_file": "tokenizer.tiktoken"}
-    weights = os.path.join(folder, "model.safetensors")
-    save_file({k: v.contiguous() for k, v in state.items()}, weights, metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(weights, 0o666 & ~umask)  # safetensors writes 0600; the folder's other files follow the umask
-    # "torch_dtype" for transformers < 5, "dtype" for >= 5; tiktoken_spec is for sample.py --hf-dir.
-    # End-of-text pads too: batched pipelines need a pad token, and attention masks hide it.
-    ids = {"bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": eot_id}
-    write_json(folder, "config.json", {**config, **ids, "torch_dtype": "float32", "dtype": "float32",
-                                       "tiktoken_spec": spec})
-    # generate() stops at any of these: end-of-text, and for a chat model the end of its turn
-    stop = [eot_id, enc.encode_single_token(chat.TURN_END)] if chat.is_chat(enc) else eot_id
-    write_json(folder, "generation_config.json", {**ids, "eos_token_id": stop})
-    write_hf_tokenizer(enc, eot_id, model.config.max_seq_len, folder)
 
 # --- GGUF, llama.cpp's format ------------------------------------------------------------------------
 GGUF_NAMES = {  # Hugging Face's name (after "model.", with {i} the layer) -> llama.cpp's

@@ -1,14 +1,16 @@
 """A Llama-style decoder-only transformer, written to be read top to bottom.
 
     from model import ModelConfig, Transformer
-    model = Transformer(ModelConfig(vocab_size=50304, n_layer=12, n_head=12, n_embd=768))
+    model = Transformer(ModelConfig())          # the CPU demo's 1.27M; GPT-2 small's shape:
+    model = Transformer(ModelConfig(vocab_size=50304, n_layer=12, n_head=12, n_kv_head=12, n_embd=768,
+                                    max_seq_len=1024, tie_embeddings=True))
     logits, loss = model(idx, targets)          # training: idx, targets (B, T) int64
     out = model.generate(idx, max_new_tokens=100, temperature=0.8, top_k=200)
 
 Llama is GPT-2 with rotary positions (RoPE), pre-norm RMSNorm in fp32, grouped-query attention,
 a SwiGLU MLP and no biases. Ablations put GPT-2's parts back or take parts out: pos_emb, mlp,
-norm. Parameter names are Hugging Face LlamaForCausalLM's without "model.", so to_hf/from_hf are
-renames.
+norm. Parameter names are Hugging Face LlamaForCausalLM's without "model.", so hf.py converts by
+renaming.
 
 Dimensions: B batch, T positions in this call, S cached positions, C = n_embd, H query heads,
 Hkv key/value heads, D = C // H head dim, V vocab size.
@@ -25,17 +27,19 @@ import torch.utils.checkpoint
 # --- Config ---------------------------------------------------------------------------------------
 @dataclass
 class ModelConfig:
-    vocab_size: int = 50304
-    n_layer: int = 12
-    n_head: int = 12
-    n_kv_head: int = 12        # = n_head: multi-head; < n_head: grouped-query (GQA); 1: multi-query
-    n_embd: int = 768
+    """The defaults are the CPU demo's model (python train.py): 1.27M parameters on Tiny Shakespeare with
+    a 4096-token BPE. presets.py holds the larger shapes of the seed runs."""
+    vocab_size: int = 4160     # train.py: the data's vocabulary (4097 ids here) rounded up to a multiple of 64
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 2         # = n_head: multi-head; < n_head: grouped-query (GQA); 1: multi-query
+    n_embd: int = 128
     ffn_hidden: int = 0        # 0: derived (Llama's rule for swiglu, 4 * n_embd for gelu and silu)
-    multiple_of: int = 256     # Llama rounds the derived ffn_hidden up to a multiple of this (fast matmuls)
-    max_seq_len: int = 1024
+    multiple_of: int = 32      # Llama rounds the derived ffn_hidden up to a multiple of this (fast matmuls)
+    max_seq_len: int = 128
     rope_theta: float = 10000.0  # Llama 2: 1e4, Llama 3: 5e5
     norm_eps: float = 1e-5
-    tie_embeddings: bool = False
+    tie_embeddings: bool = True
     dropout: float = 0.0
     pos_emb: str = "rope"      # ablations: rope | learned | none
     mlp: str = "swiglu"        # swiglu | gelu | silu
@@ -186,6 +190,8 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 # --- The model ------------------------------------------------------------------------------------
+LOSS_CHUNK = 1024  # positions per chunk of train.py --chunked-loss: their fp32 logits over 50k tokens take 200 MB
+
 class Transformer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -198,7 +204,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:  # one (V, C) matrix both embeds and unembeds (GPT-2, small Llamas)
             self.lm_head.weight = self.embed_tokens.weight
         self.checkpointing = False  # activation checkpointing (train.py --activation-checkpointing)
-        self.loss_chunk = 0         # > 0: the loss in chunks of this many positions (train.py --chunked-loss)
+        self.loss_chunk = 0         # > 0: the loss in chunks of this many positions (LOSS_CHUNK: --chunked-loss)
         # Not persistent: derived from the config, and the state dict stays exactly HF's. Keep the
         # model in fp32 under autocast: model.to(torch.bfloat16) would round these tables too.
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
@@ -324,41 +330,3 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
     return torch.multinomial(probs, num_samples=1, generator=generator)                   # (B, 1)
-
-# --- Hugging Face interop: pure functions on state dicts and configs; the caller does I/O ---------
-def to_hf(state_dict, cfg):
-    """Our state dict + ModelConfig -> (LlamaForCausalLM state dict, config.json dict)."""
-    if (cfg.pos_emb, cfg.mlp, cfg.norm) != ("rope", "swiglu", "rmsnorm"):
-        raise ValueError(f"only Llama exports; got pos_emb={cfg.pos_emb}, mlp={cfg.mlp}, norm={cfg.norm}")
-    hf = {("" if name == "lm_head.weight" else "model.") + name: t for name, t in state_dict.items()}
-    if cfg.tie_embeddings:
-        del hf["lm_head.weight"]  # HF ties lm_head to embed_tokens again when it loads
-    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", attention_bias=False,
-                  mlp_bias=False, vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_hidden,
-                  num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
-                  head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-                  tie_word_embeddings=cfg.tie_embeddings, rope_theta=cfg.rope_theta,  # read by transformers < 5;
-                  rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})  # by >= 5
-    return hf, config
-
-def from_hf(hf_state_dict, hf_config):
-    """LlamaForCausalLM state dict + config.json dict -> (our state dict, ModelConfig)."""
-    rope = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"RoPE scaling {rope} is not supported; only plain RoPE")
-    n_head, C = hf_config["num_attention_heads"], hf_config["hidden_size"]
-    if (hf_config.get("head_dim", C // n_head) * n_head != C or hf_config.get("hidden_act", "silu") != "silu"
-            or hf_config.get("attention_bias") or hf_config.get("mlp_bias")):
-        raise ValueError("only Llama with head_dim * heads = hidden_size, silu and no biases is supported")
-    cfg = ModelConfig(vocab_size=hf_config["vocab_size"], n_layer=hf_config["num_hidden_layers"], n_head=n_head,
-                      n_kv_head=hf_config.get("num_key_value_heads") or n_head, n_embd=C,
-                      ffn_hidden=hf_config["intermediate_size"], max_seq_len=hf_config["max_position_embeddings"],
-                      rope_theta=float(rope.get("rope_theta", hf_config.get("rope_theta", 10000.0))),
-                      norm_eps=hf_config.get("rms_norm_eps", 1e-6),  # LlamaConfig's defaults
-                      tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)))
-    # Anything else (rotary_emb.inv_freq in old checkpoints) is derived from the config, not learned.
-    state_dict = {name.removeprefix("model."): t for name, t in hf_state_dict.items()
-                  if name.startswith("model.") or name == "lm_head.weight"}
-    if cfg.tie_embeddings:
-        state_dict["lm_head.weight"] = state_dict["embed_tokens.weight"]
-    return state_dict, cfg

@@ -54,7 +54,8 @@ def nearest_shape(n_params, cfg):
     for n_layer in range(2, 65):
         for n_embd in range(64 * max(2, 48 * n_layer // 64), 96 * n_layer + 1, 64):
             mc = ModelConfig(vocab_size=cfg.vocab_size, n_layer=n_layer, n_embd=n_embd, n_head=n_embd // 64,
-                             n_kv_head=n_embd // 64, max_seq_len=cfg.seq_len, tie_embeddings=cfg.tie_embeddings)
+                             n_kv_head=n_embd // 64, multiple_of=256, max_seq_len=cfg.seq_len,
+                             tie_embeddings=cfg.tie_embeddings)
             shapes.append((abs(param_count(mc) / n_params - 1), abs(n_embd / n_layer - 64), mc))
     close = [shape for shape in shapes if shape[0] <= 0.05]
     return min(close, key=lambda s: s[1])[2] if close else min(shapes, key=lambda s: s[0])[2]
@@ -83,7 +84,8 @@ def main(argv):
     print(f"time    {seconds / 3600:,.2f} h on one {cfg.gpu} at {cfg.mfu:.0%} MFU, {seconds / 3600 / 8:,.2f} h on 8 "
           "(the FLOPs of train.py's count, attention included)")
     print(f"flags   --n-layer={mc.n_layer} --n-embd={mc.n_embd} --n-head={mc.n_head} --n-kv-head={mc.n_kv_head} "
-          f"--max-seq-len={cfg.seq_len} --max-tokens={tokens:.3g}" + (" --tie-embeddings" if cfg.tie_embeddings else ""))
+          f"--ffn-hidden={mc.ffn_hidden} --max-seq-len={cfg.seq_len} --tie-embeddings={cfg.tie_embeddings} "
+          f"--vocab-size={cfg.vocab_size} --max-tokens={tokens:.3g}")
 
 if __name__ == "__main__":
     run_main(main)

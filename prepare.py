@@ -18,7 +18,6 @@ import codecs
 import collections
 import glob
 import hashlib
-import heapq
 import json
 import multiprocessing
 import os
@@ -36,10 +35,11 @@ import numpy as np
 
 import chat
 import common
+import tokenizer
 from common import check, die, flag, one_line, setting
 
 EOT = "<|endoftext|>"
-GPT2_PAT = common.GPT2_PAT  # GPT-2's pre-tokenizer; the BPE trained here uses it too
+GPT2_PAT = tokenizer.GPT2_PAT  # GPT-2's pre-tokenizer; the BPE trained here uses it too
 SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 
 # --- Settings -------------------------------------------------------------------------------------
@@ -396,70 +396,6 @@ def move_tail(train: ShardWriter, val: ShardWriter, n: int, eot: int):
     train.shards = [shard for shard in train.shards if shard["tokens"]]
     train.documents -= val.documents
 
-# --- BPE trainer ----------------------------------------------------------------------------------
-# A pre-token longer than this many bytes is cut into pieces of this size for counting: a merge scans each
-# word that holds its pair, so one huge word (text without whitespace: a long run of letters or digits)
-# would be scanned whole at almost every merge. Real words are far shorter; only pairs across the cuts of
-# such absurdly long pieces go uncounted.
-MAX_WORD_BYTES = 256
-
-def train_bpe(texts, vocab_size: int) -> list[bytes]:
-    """Byte-level BPE: the bytes of each token in rank order, 256 single bytes then one token per merge.
-    Each step merges the most frequent adjacent pair of tokens within GPT-2 pre-tokens (a tie goes to the
-    smallest (left id, right id): the older tokens). Pairs are counted once over the distinct pre-tokens;
-    a merge then moves only the counts at and beside it, and a heap of (-count, pair) gives the next one
-    (outdated entries are skipped as they surface)."""
-    import regex  # a dependency of tiktoken; Python's re has no \p{L}
-    word_counts = collections.Counter()
-    for piece, count in collections.Counter(p for text in texts for p in regex.findall(GPT2_PAT, text)).items():
-        b = piece.encode("utf-8")
-        for i in range(0, len(b), MAX_WORD_BYTES):
-            word_counts[b[i:i + MAX_WORD_BYTES]] += count
-    words, freqs = [list(word) for word in word_counts], list(word_counts.values())
-    pair_counts, where = collections.Counter(), collections.defaultdict(set)  # where: pair -> words holding it
-    for i, (word, freq) in enumerate(zip(words, freqs)):
-        for pair in zip(word, word[1:]):
-            pair_counts[pair] += freq
-            where[pair].add(i)
-    heap = [(-count, pair) for pair, count in pair_counts.items()]
-    heapq.heapify(heap)
-    tokens = [bytes([b]) for b in range(256)]
-    t0 = shown = time.time()  # shown: when the progress line was last printed
-    while len(tokens) < vocab_size and heap:
-        neg_count, pair = heapq.heappop(heap)
-        if pair_counts.get(pair) != -neg_count:
-            continue  # outdated entry: the pair's count changed and was pushed again
-        (a, b), new, changed = pair, len(tokens), set()
-        tokens.append(tokens[a] + tokens[b])
-        for i in where.pop(pair):  # (a word that no longer holds the pair stays as it is: harmless)
-            out, freq = [], freqs[i]
-            for t in words[i]:  # merge left to right, as tiktoken applies the merges
-                if t == b and out and out[-1] == a:  # (x, a, b) -> (x, new)
-                    moves = [((a, b), -1)] + ([((out[-2], a), -1), ((out[-2], new), 1)] if len(out) > 1 else [])
-                    out[-1] = new
-                elif out and out[-1] == new:  # (new, t) was (b, t): new is in no word before this merge
-                    moves = [((b, t), -1), ((new, t), 1)]
-                    out.append(t)
-                else:
-                    out.append(t)
-                    continue
-                for p, sign in moves:
-                    pair_counts[p] += sign * freq
-                    changed.add(p)
-                    if sign > 0:
-                        where[p].add(i)
-            words[i] = out
-        for p in changed:
-            if pair_counts[p] > 0:
-                heapq.heappush(heap, (-pair_counts[p], p))
-            else:
-                del pair_counts[p]
-        if time.time() - shown > 0.5:
-            shown = time.time()
-            common.progress(f"BPE: {new - 255:,} / {vocab_size - 256:,} merges | {shown - t0:.0f}s")
-    common.end_progress()
-    return tokens
-
 # --- The run --------------------------------------------------------------------------------------
 DATASET_FILE = re.compile(r"((train|val)_\d+\.(bin|mask)|meta\.json|tokenizer\.tiktoken)(\.tmp)?")  # .tmp: older runs'
 
@@ -482,11 +418,10 @@ def open_output(out: Path, settings: dict, force: bool) -> tuple[Path, Path]:
     partial.mkdir()
     return final, partial
 
-def prepare(cfg: PrepareConfig, command: str) -> dict:
-    """Write the dataset that cfg describes; its meta.json."""
-    source = cfg.dataset or " ".join(cfg.input)  # (subset, split, field and separator are in settings)
-    # the tokenizer: a BPE trained below (once the input is known to be fine), another dataset's, or
-    # a tiktoken encoding; --chat adds chat.py's two special tokens to it
+def choose_tokenizer(cfg: PrepareConfig):
+    """(spec, ranks text or None, tiktoken encoding or None, vocab size) of the tokenizer: a BPE to train
+    (no encoding yet: trained once the input is known to be fine), another dataset's, a Hugging Face
+    folder's or a tiktoken encoding; --chat adds chat.py's two special tokens to it."""
     ranks = None  # the ranks file's text of another dataset's BPE
     if cfg.vocab_size:
         spec = dict(kind="bpe", name=f"bpe{cfg.vocab_size}", ranks_file="tokenizer.tiktoken", pat_str=GPT2_PAT,
@@ -494,31 +429,37 @@ def prepare(cfg: PrepareConfig, command: str) -> dict:
     elif os.path.isdir(cfg.tokenizer):
         spec, ranks = reused_tokenizer(cfg.tokenizer)
     elif cfg.tokenizer.startswith("hf:"):  # a Hugging Face folder's tokenizer.json, as tiktoken ranks
-        spec = common.tokenizer_from_hf(cfg.tokenizer[3:])
+        from hf import tokenizer_from_hf  # (imports torch, which the other paths do without)
+        spec = tokenizer_from_hf(cfg.tokenizer[3:])
         ranks = spec.pop("ranks")
     else:
         spec = dict(kind="tiktoken", name=cfg.tokenizer)
     try:
-        enc = None if cfg.vocab_size else common.load_tokenizer({**spec, "ranks": ranks} if ranks else spec)
+        enc = None if cfg.vocab_size else tokenizer.load_tokenizer({**spec, "ranks": ranks} if ranks else spec)
     except Exception as e:  # an unknown name, or no internet and no cache
         die(f"cannot load tiktoken encoding {cfg.tokenizer!r}: {one_line(e)}; try r50k_base, or --vocab-size N")
     vocab_size = enc.n_vocab if enc else cfg.vocab_size + 1
     if cfg.chat and chat.TURN_START not in spec.get("special_tokens", {}):
         spec["special_tokens"] = {**spec.get("special_tokens", {}), **chat.chat_tokens(vocab_size)}
         vocab_size += 2
-        enc = enc and common.load_tokenizer({**spec, "ranks": ranks} if ranks else spec)
-    tok_name = spec["name"]
+        enc = enc and tokenizer.load_tokenizer({**spec, "ranks": ranks} if ranks else spec)
+    return spec, ranks, enc, vocab_size
+
+def prepare(cfg: PrepareConfig, command: str) -> dict:
+    """Write the dataset that cfg describes; its meta.json."""
+    source = cfg.dataset or " ".join(cfg.input)  # (subset, split, field and separator are in settings)
+    spec, ranks, enc, vocab_size = choose_tokenizer(cfg)
     name = cfg.dataset.split("/")[-1] if cfg.dataset else Path(cfg.input[0]).stem
-    out = Path(cfg.out or f"data/{name}-{tok_name}")
+    out = Path(cfg.out or f"data/{name}-{spec['name']}")
     # the settings that decide the tokens: a dataset made with the same ones may be redone without --force
     skip = ("preset", "out", "num_proc", "chunk_chars", "force", "streaming")
-    settings = {k: v for k, v in asdict(cfg).items() if k not in skip} | {"tokenizer": tok_name}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in skip} | {"tokenizer": spec["name"]}
     dtype = cfg.dtype if cfg.dtype != "auto" else "uint16" if vocab_size <= 1 << 16 else "uint32"
     if vocab_size > 1 << (8 * np.dtype(dtype).itemsize):
         die(f"a vocabulary of {vocab_size} ids is too large for {dtype}; use --dtype auto or uint32")
 
     final, partial = open_output(out, settings, cfg.force)
-    t0 = shown = time.time()  # shown: when the tokenizing progress line was last printed
+    stats = collections.Counter()
     try:
         files = find_files(cfg.input) if cfg.input else []
         if ranks:  # the other dataset's BPE, copied: a dataset folder holds its own tokenizer
@@ -526,51 +467,16 @@ def prepare(cfg: PrepareConfig, command: str) -> dict:
                 f.write(ranks)
             spec["ranks_file"] = "tokenizer.tiktoken"
         if cfg.vocab_size:
-            tokens = train_bpe(bpe_sample(cfg, files), cfg.vocab_size)
+            t0 = time.time()
+            tokens = tokenizer.train_bpe(bpe_sample(cfg, files), cfg.vocab_size)
             with common.atomic_write(partial / "tokenizer.tiktoken", "w") as f:
-                f.write(common.ranks_text(tokens))
-            enc = common.load_tokenizer(spec, partial)
+                f.write(tokenizer.ranks_text(tokens))
+            enc = tokenizer.load_tokenizer(spec, partial)
             print(f"trained a BPE of {len(tokens)} tokens (+ eot) in {time.time() - t0:.1f}s", file=sys.stderr)
-
-        # tokenize, holding out every k-th document for val
-        k = round(1 / cfg.val_fraction) if cfg.val_fraction else 0
-        train, val = (ShardWriter(partial, split, dtype, cfg.shard_tokens) for split in ("train", "val"))
-        masks = {split: ShardWriter(partial, split, "uint8", cfg.shard_tokens, ".mask") for split in ("train", "val")}
-        stats, docs, ntok, writer = collections.Counter(), 0, 0, train
-        t0 = shown = time.time()
-        # (ids, starts_document, loss mask or None); conversations are few and short: tokenized right here
-        tokenized = (((np.array(ids, dtype), True, np.array(mask, np.uint8)) for ids, mask in
-                      (chat.render(enc, messages) for messages in conversations(cfg, files, stats))) if cfg.chat else
-                     ((ids, new_doc, None) for ids, new_doc in tokenize_documents(
-                         enc, read_pieces(cfg, files, stats), dtype, cfg.num_proc, cfg.chunk_chars)))
-        for ids, new_doc, mask in tokenized:
-            if new_doc:
-                writer = val if k and docs % k == k - 1 else train
-                docs += 1
-            writer.write(ids, int(new_doc))
-            if mask is not None:  # 1 = a target to learn, the token at the same place in the .bin
-                masks[writer.split].write(mask)
-            ntok += len(ids)
-            if time.time() - shown > 0.5:
-                shown = time.time()
-                common.progress(f"{docs:,} documents | {ntok:,} tokens | {ntok / (shown - t0):,.0f} tokens/s")
-        if ntok == 0:
-            die(f"the corpus is empty: no text in {source}; check --input, --dataset, --text-field")
-        if k and docs < k and cfg.chat:
-            die(f"{docs} conversation(s) are too few to hold every {k}th out for val; give more, or a "
-                "larger --val-fraction")
-        if k and docs < k:  # too few documents to hold any out: val is the token stream's tail
-            n_val = max(1, round(cfg.val_fraction * ntok))
-            move_tail(train, val, n_val, enc.eot_token)
-            val_split = f"the last {n_val} tokens of the token stream: {docs} document(s) are too few to hold any out"
-        else:
-            val_split = f"documents i with i % {k} == {k - 1}, counting from 0" if k else "none"
-        for shards in (train, val, *masks.values()):
-            shards.close()
-
+        train, val, masks, val_split = write_splits(cfg, enc, files, partial, dtype, stats, source)
         meta = {
             "format": "llama-shards-v1", "tokenizer": spec,
-            "tokenizer_fingerprint": common.tokenizer_fingerprint(enc), "vocab_size": vocab_size,
+            "tokenizer_fingerprint": tokenizer.tokenizer_fingerprint(enc), "vocab_size": vocab_size,
             "eot_id": enc.eot_token, "dtype": dtype, "eot_position": "before each document",
             "shards": {"train": train.shards, "val": val.shards},
             "documents": {"train": train.documents, "val": val.documents},
@@ -589,15 +495,58 @@ def prepare(cfg: PrepareConfig, command: str) -> dict:
     finally:
         shutil.rmtree(partial, ignore_errors=True)  # a failed run's (after swap_in there is none)
         common.end_progress()
+    print_notes(cfg, stats)
+    read = f" from {len(files):,} file(s)" if files else ""
+    print(f"{out}: train {train.tokens():,} tokens in {len(train.shards)} shard(s), val {val.tokens():,} tokens; "
+          f"{train.documents:,} + {val.documents:,} document(s){read}; val = {val_split}")
+    return meta
+
+def write_splits(cfg: PrepareConfig, enc, files: list[str], folder: Path, dtype: str, stats: dict, source: str):
+    """Tokenize the corpus into folder's train and val shards (and loss masks), holding out every k-th
+    document for val -> (train, val, {split: masks}, how val was chosen)."""
+    k = round(1 / cfg.val_fraction) if cfg.val_fraction else 0
+    train, val = (ShardWriter(folder, split, dtype, cfg.shard_tokens) for split in ("train", "val"))
+    masks = {split: ShardWriter(folder, split, "uint8", cfg.shard_tokens, ".mask") for split in ("train", "val")}
+    docs, ntok, writer = 0, 0, train
+    t0 = shown = time.time()  # shown: when the progress line was last printed
+    # (ids, starts_document, loss mask or None); conversations are few and short: tokenized right here
+    tokenized = (((np.array(ids, dtype), True, np.array(mask, np.uint8)) for ids, mask in
+                  (chat.render(enc, messages) for messages in conversations(cfg, files, stats))) if cfg.chat else
+                 ((ids, new_doc, None) for ids, new_doc in tokenize_documents(
+                     enc, read_pieces(cfg, files, stats), dtype, cfg.num_proc, cfg.chunk_chars)))
+    for ids, new_doc, mask in tokenized:
+        if new_doc:
+            writer = val if k and docs % k == k - 1 else train
+            docs += 1
+        writer.write(ids, int(new_doc))
+        if mask is not None:  # 1 = a target to learn, the token at the same place in the .bin
+            masks[writer.split].write(mask)
+        ntok += len(ids)
+        if time.time() - shown > 0.5:
+            shown = time.time()
+            common.progress(f"{docs:,} documents | {ntok:,} tokens | {ntok / (shown - t0):,.0f} tokens/s")
+    if ntok == 0:
+        die(f"the corpus is empty: no text in {source}; check --input, --dataset, --text-field")
+    if k and docs < k and cfg.chat:
+        die(f"{docs} conversation(s) are too few to hold every {k}th out for val; give more, or a "
+            "larger --val-fraction")
+    if k and docs < k:  # too few documents to hold any out: val is the token stream's tail
+        n_val = max(1, round(cfg.val_fraction * ntok))
+        move_tail(train, val, n_val, enc.eot_token)
+        val_split = f"the last {n_val} tokens of the token stream: {docs} document(s) are too few to hold any out"
+    else:
+        val_split = f"documents i with i % {k} == {k - 1}, counting from 0" if k else "none"
+    for shards in (train, val, *masks.values()):
+        shards.close()
+    return train, val, masks, val_split
+
+def print_notes(cfg: PrepareConfig, stats: dict):
+    """What was replaced or skipped on the way, so that nothing is lost without a word."""
     if stats["replaced_bytes"]:
         print(f"note: replaced {stats['replaced_bytes']:,} invalid UTF-8 bytes with U+FFFD", file=sys.stderr)
     if stats["rows_without_text"] or stats["rows_with_empty_text"]:
         print(f"note: skipped {stats['rows_without_text']:,} rows without the field {cfg.text_field!r} and "
               f"{stats['rows_with_empty_text']:,} rows whose text is empty or null", file=sys.stderr)
-    read = f" from {len(files):,} file(s)" if files else ""
-    print(f"{out}: train {train.tokens():,} tokens in {len(train.shards)} shard(s), val {val.tokens():,} tokens; "
-          f"{train.documents:,} + {val.documents:,} document(s){read}; val = {val_split}")
-    return meta
 
 def main(argv):
     prepare(parse_settings(argv), shlex.join(["python", "prepare.py", *argv]))

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 import torch
 
 import chat
-from common import (autocast, check, die, load_for_inference, load_hf_folder, one_line, parse_config,
-                    parse_flags, pick_device, pick_dtype, run_main, setting)
+from checkpoint import load_for_inference
+from common import (autocast, check, die, one_line, parse_config, parse_flags, pick_device, pick_dtype, run_main,
+                    setting)
+from hf import load_hf_folder
 
 @dataclass
 class SampleConfig:

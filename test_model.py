@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import full_logits, random_model, tiny_config
-from model import KVCache, Transformer, apply_rope, from_hf, rope_tables, sample_next, to_hf
+from hf import from_hf, to_hf
+from model import KVCache, Transformer, apply_rope, rope_tables, sample_next
 
 # -----------------------------------------------------------------------------
 # model.py

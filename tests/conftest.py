@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository: the scripts and modules
+sys.path.insert(0, str(ROOT))
 # Tiny Shakespeare and GPT-2's BPE ranks: from ../shared beside the repository where it exists (CI,
 # offline machines), else downloaded once (to data/downloads/, and tiktoken's own cache).
 SHARED = ROOT.parent / "shared"
@@ -26,7 +27,8 @@ if (SHARED / "tiktoken_cache").is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
 torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation
 
-from common import download, save_checkpoint  # noqa: E402
+from checkpoint import save_checkpoint  # noqa: E402
+from common import download  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
@@ -40,7 +42,8 @@ def pytest_configure(config):
 
 # --- Tiny models ----------------------------------------------------------------------------------
 def tiny_config(**overrides):
-    base = dict(vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, max_seq_len=64, multiple_of=16)
+    base = dict(vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, max_seq_len=64, multiple_of=16,
+                tie_embeddings=False)
     return ModelConfig(**{**base, **overrides})
 
 def random_model(seed=0, **overrides):
@@ -80,7 +83,7 @@ SMALL_BPE = {
 def write_checkpoint(path, spec, eot_id, seed=0, **overrides):
     """A checkpoint holding a tiny random model, written by the project's own writer."""
     cfg = dict(vocab_size=50257 if spec is R50K else SMALL_EOT + 1, n_layer=2, n_head=4, n_kv_head=2,
-               n_embd=32, max_seq_len=64, multiple_of=16)
+               n_embd=32, max_seq_len=64, multiple_of=16, tie_embeddings=False)
     # random norm weights: an export that dropped them would show
     model = random_model(seed, **{**cfg, **overrides})
     save_checkpoint(path, model, spec, eot_id, train_config={"seed": seed})

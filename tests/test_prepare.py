@@ -23,6 +23,7 @@ import pytest
 import tiktoken
 
 import common
+import tokenizer
 import prepare
 from conftest import ROOT, SHAKESPEARE, assert_user_error, python
 
@@ -72,8 +73,8 @@ def load(out):
     files = sorted(p.name for p in out.iterdir())
     assert files == sorted([s["file"] for sp in ("train", "val") for s in meta["shards"][sp]] + ["meta.json"]
                            + (["tokenizer.tiktoken"] if meta["tokenizer"]["kind"] == "bpe" else []))
-    enc = common.load_tokenizer(meta["tokenizer"], out)
-    assert meta["tokenizer_fingerprint"] == common.tokenizer_fingerprint(enc)  # what train.py checks
+    enc = tokenizer.load_tokenizer(meta["tokenizer"], out)
+    assert meta["tokenizer_fingerprint"] == tokenizer.tokenizer_fingerprint(enc)  # what train.py checks
     return meta, splits
 
 def documents(tokens, eot):
@@ -126,7 +127,7 @@ def test_the_shakespeare_preset_writes_the_data_train_py_reads(tmp_path):
     meta, splits = load(tmp_path / "data" / "shakespeare")
     assert meta["tokenizer"]["name"] == meta["config"]["tokenizer"] == "bpe4096"
     assert (meta["vocab_size"], meta["eot_id"]) == (4097, 4096) and "data/shakespeare" in result.stdout
-    enc = common.load_tokenizer(meta["tokenizer"], tmp_path / "data" / "shakespeare")
+    enc = tokenizer.load_tokenizer(meta["tokenizer"], tmp_path / "data" / "shakespeare")
     stream = np.concatenate([splits["train"], splits["val"]])
     assert enc.decode(stream[1:].tolist()) == SHAKESPEARE.read_text()
     assert meta["tokens"]["val"] == round(0.1 * len(stream))
@@ -209,12 +210,12 @@ def test_bpe_matches_naive_reference():
     tie_text = " ".join("".join(rng.choice("aab") for _ in range(rng.randint(1, 6))) for _ in range(300))
     tie_text += " ab ba cd dc ef fe " * 3 + "ééé 😀😀 12 12"
     for text, vocab_size in [(tie_text, 400), (SHAKESPEARE.read_text()[:20_000], 500)]:
-        ours = prepare.train_bpe([text], vocab_size)
+        ours = tokenizer.train_bpe([text], vocab_size)
         assert ours == naive_bpe(text, vocab_size)
         assert len(set(ours)) == len(ours)  # every token's bytes are new, as tiktoken's ranks need
 
 def test_bpe_round_trips_anything():
-    tokens = prepare.train_bpe([SHAKESPEARE.read_text()[:50_000] + " naïve café 😀 中文"], 600)
+    tokens = tokenizer.train_bpe([SHAKESPEARE.read_text()[:50_000] + " naïve café 😀 中文"], 600)
     ranks = "".join(f"{base64.b64encode(t).decode()} {i}\n" for i, t in enumerate(tokens))  # tiktoken's format
     spec = dict(kind="bpe", name="bpe600", ranks=ranks, pat_str=prepare.GPT2_PAT, special_tokens={"<|endoftext|>": 600})
     byte_spec = dict(spec, name="bpe256", ranks="".join(ranks.splitlines(True)[:256]),
@@ -224,13 +225,13 @@ def test_bpe_round_trips_anything():
                "e\u0301 \u00a0 \t\r\n x",
                "lone \ud800 surrogate", "".join(chr(rng.randrange(1, 0x3000)) for _ in range(500))]
     for s in [*samples, adversarial_text(rng, 300)]:
-        for enc in (common.load_tokenizer(spec), common.load_tokenizer(byte_spec)):
+        for enc in (tokenizer.load_tokenizer(spec), tokenizer.load_tokenizer(byte_spec)):
             expected = s.replace("\ud800", "\ufffd")  # a lone surrogate is no UTF-8: tiktoken replaces it
             assert enc.decode(enc.encode_ordinary(s)) == expected
-    byte_level = common.load_tokenizer(byte_spec)
+    byte_level = tokenizer.load_tokenizer(byte_spec)
     assert byte_level.encode_ordinary("héllo 😀") == list("héllo 😀".encode())  # 256: no merges at all
     junk = bytes(rng.randrange(256) for _ in range(1000)) + b"\xff\xfe\xc3"  # not UTF-8
-    for enc in (common.load_tokenizer(spec), byte_level):
+    for enc in (tokenizer.load_tokenizer(spec), byte_level):
         assert enc.decode_bytes(enc._encode_bytes(junk)) == junk
 
 def test_bpe_time_is_bounded_on_text_without_whitespace():
@@ -239,9 +240,9 @@ def test_bpe_time_is_bounded_on_text_without_whitespace():
     rng = random.Random(3)
     text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(300_000))
     t0 = time.time()
-    tokens = prepare.train_bpe([text], 512)
+    tokens = tokenizer.train_bpe([text], 512)
     assert time.time() - t0 < 15 and len(tokens) == len(set(tokens)) == 512
-    enc = common.load_tokenizer(dict(kind="bpe", name="bpe512", ranks=common.ranks_text(tokens),
+    enc = tokenizer.load_tokenizer(dict(kind="bpe", name="bpe512", ranks=tokenizer.ranks_text(tokens),
                                      pat_str=prepare.GPT2_PAT, special_tokens={"<|endoftext|>": 512}))
     ids = enc.encode_ordinary(text)
     assert enc.decode(ids) == text and len(ids) < 0.8 * len(text)  # and the merges it learned do compress
@@ -257,13 +258,13 @@ def test_bpe_cli_and_meta_record_the_trained_tokenizer(tmp_path):
     assert spec["kind"] == "bpe" and spec["name"] == "bpe300" and spec["ranks_file"] == "tokenizer.tiktoken"
     assert spec["special_tokens"] == {"<|endoftext|>": 300} and (meta["vocab_size"], meta["eot_id"]) == (301, 300)
     assert meta["config"]["tokenizer"] == "bpe300" and meta["config"]["vocab_size"] == 300  # not r50k_base
-    enc = common.load_tokenizer(spec, out)
-    assert meta["tokenizer_fingerprint"] == common.tokenizer_fingerprint(enc) != common.tokenizer_fingerprint(R50K)
+    enc = tokenizer.load_tokenizer(spec, out)
+    assert meta["tokenizer_fingerprint"] == tokenizer.tokenizer_fingerprint(enc) != tokenizer.tokenizer_fingerprint(R50K)
     from tiktoken.load import load_tiktoken_bpe  # tiktoken's own reader agrees on the file
     assert load_tiktoken_bpe(str(out / "tokenizer.tiktoken")) == enc._mergeable_ranks and enc.n_vocab == 301
     inline = {k: v for k, v in spec.items() if k != "ranks_file"}  # as checkpoints carry it
     inline["ranks"] = (out / "tokenizer.tiktoken").read_text()
-    assert common.load_tokenizer(inline).encode_ordinary("To be") == enc.encode_ordinary("To be")
+    assert tokenizer.load_tokenizer(inline).encode_ordinary("To be") == enc.encode_ordinary("To be")
     stream = np.concatenate([splits["train"], splits["val"]])
     assert stream[0] == 300 and enc.decode(stream[1:].tolist()) == corpus.read_text()
 

@@ -11,6 +11,7 @@ import collections
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import signal
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -26,8 +28,11 @@ import torch
 import prepare
 import data as data_py
 import export as export_py
+import evaluate
+import hf
+import presets
 import train as train_py
-from common import load_for_inference, save_checkpoint
+from checkpoint import load_for_inference, save_checkpoint
 from conftest import SHAKESPEARE, TINY_RUN, ROOT, assert_user_error, losses, python, tiny_config, train
 from model import ModelConfig, Transformer
 
@@ -125,7 +130,7 @@ def test_ddp_and_fsdp_equal_one_process_and_resume_across_each_other(byte_data, 
     # what FSDP wrote is an ordinary checkpoint: sample.py's loader and export.py take it
     model, enc, eot_id, spec = load_for_inference(str(tmp_path / "fsdp" / "ckpt.pt"))
     (tmp_path / "hf").mkdir()
-    export_py.export_hf(model, enc, eot_id, spec, str(tmp_path / "hf"))
+    hf.export_hf(model, enc, eot_id, spec, str(tmp_path / "hf"))
     assert (tmp_path / "hf" / "model.safetensors").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
 
 @pytest.mark.slow
@@ -143,7 +148,7 @@ def test_loss_falls_and_checkpoint_loads_with_weights_only(byte_data, tmp_path):
         model.load_state_dict(ckpt["model"])
     # The console: a banner, samples as indented text, and a closing summary with the next commands.
     out = result.stdout
-    assert out.startswith("model ") and "\nplan " in out and "\noutput " in out
+    assert out.startswith("settings ") and "\nmodel " in out and "\nplan " in out and "\noutput " in out
     assert "sample:\n  | " in out and "\\x" not in out.split("eval step 40")[1].split("done:")[0].replace(
         "\\x", "") and f"python sample.py --ckpt {tmp_path / 'run' / 'best.pt'}" in out
     assert "done: 40 steps" in out and f"best val loss {min(vals):.4f}" in out
@@ -224,6 +229,11 @@ def test_runs_do_not_mix_in_one_out_dir(byte_data, tmp_path):
     again = train(byte_data, out, "--max-iters=3", "--eval-every=3", "--overwrite")
     assert again.returncode == 0, again.stderr
     assert [s for s, _ in losses(out)] == [1, 2, 3]  # the old run's records are gone, not mixed in
+    # under torchrun the reason ends the output too: its failure summary, not 30 lines above it
+    refused = train(byte_data, out, "--max-iters=3", torchrun=2)
+    assert refused.returncode != 0 and (out / "ckpt.pt").exists()
+    tail = refused.stderr.strip().splitlines()[-3:]
+    assert any("error: " in line and "holds a run already" in line for line in tail), refused.stderr
 
 @pytest.mark.slow
 def test_corrupt_token_ids_are_found_in_the_shard_that_holds_them(byte_data, tmp_path):
@@ -242,9 +252,31 @@ def test_help_lists_every_setting_and_the_presets():
     assert result.returncode == 0, result.stderr
     for f in [*train_py.TrainConfig.__dataclass_fields__, *ModelConfig.__dataclass_fields__]:
         assert "--" + f.replace("_", "-") in result.stdout, f
-    for preset in train_py.PRESETS:
+    for preset in presets.PRESETS:
         assert f"  {preset}: " in result.stdout
     assert "(default: 1337)" in result.stdout  # --seed
+
+@pytest.mark.slow
+def test_help_shows_the_values_a_run_uses_and_the_banner_names_the_rest(byte_data, tmp_path):
+    # wide enough that argparse puts each help on one line; a long flag's goes on the next, joined here
+    shown = re.sub(r"\n {20,}", " ", python("train.py", "--help", env={"COLUMNS": "2000"}).stdout)
+    defaults = dict(re.findall(r"^  --([a-z0-9-]+) \S+ +.*\(default: (.*)\)$", shown, re.M))
+    assert defaults["optimizer"] == "'muon'" and defaults["max-iters"] == "250"  # the demo's, not generic ones
+    given = ["--max-iters=2", "--n-layer=1", "--n-embd=32", "--n-head=2", "--n-kv-head=1", "--eval-batches=2",
+             "--sample-tokens=0", "--lr=0.005", "--peak-flops=1e11"]
+    result = python("train.py", f"--data={byte_data}", f"--out-dir={tmp_path}", *given)
+    assert result.returncode == 0, result.stderr
+    banner = result.stdout[result.stdout.index("settings "):result.stdout.index("(the rest: python train.py --help)")]
+    named = dict(re.findall(r"--([a-z0-9-]+)=(\S+)", banner))
+    # what the banner names: the flags given, and the vocabulary, which comes from the data
+    assert set(named) == {a[2:].split("=")[0] for a in given} | {"data", "out-dir", "vocab-size"}
+    config = json.loads((tmp_path / "config.json").read_text())
+    used = {k.replace("_", "-"): v for k, v in {**config["train"], **config["model"]}.items()}
+    assert named["vocab-size"] == str(used["vocab-size"]) == "320"  # 257 byte-level ids, rounded up to 64s
+    # everything else the run used is what --help printed (ffn_hidden: 0 derives it, as its help says)
+    for name, value in used.items():
+        if name not in named and name != "ffn-hidden":
+            assert repr(value) == defaults[name], (name, value, defaults[name])
 
 # --- Refused before training: one line, exit code 2 -----------------------------------------------
 def test_bad_settings_are_one_line_errors(byte_data, tmp_path, capsys):
@@ -260,9 +292,9 @@ def test_bad_settings_are_one_line_errors(byte_data, tmp_path, capsys):
         (["--vocab-size=200"], ["vocabulary (257 tokens", "vocab_size=200"]),
         (["--batch_tokens=100"], ["--batch-tokens=100 is not a multiple"]),  # underscores work too
         (["--max-tokens=1000"], ["exactly one of --max-iters and --max-tokens"]),
-        (["--preset=huge"], ["unknown --preset=huge", "shakespeare_cpu"]),
+        (["--preset=huge"], ["unknown --preset=huge", "gpt2_small"]),
         (["--dtype=float8"], ["--dtype=float8 must be"]),
-        (["--optimizer=lion"], ["--optimizer=lion must be adamw or muon"]),
+        (["--optimizer=lion"], ["--optimizer=lion must be one of muon, adamw"]),
         (["--muon-momentum=1"], ["--muon-momentum=1.0"]),
     ]
     for extra, fragments in cases:
@@ -372,11 +404,15 @@ def test_the_runtime_picks_precision_compile_and_the_mfu_peak(monkeypatch):
     try:
         for has_bf16, dtype in [(True, torch.bfloat16), (False, torch.float32)]:
             monkeypatch.setattr(common, "cpu_has_bf16", lambda: has_bf16)
+            measured = []  # (device, dtype) of each peak measurement; bf16 for real only on a bf16 CPU
+            monkeypatch.setattr(train_py, "matmul_flops", lambda *args: measured.append(args) or 1e9)
             rt = train_py.Runtime(distributed=False, rank=0, local_rank=0, world=1)
             train_py.start(rt, train_py.TrainConfig(device="cpu", dtype="auto", compile="auto", max_iters=1))
             # "high", not "medium": on CPUs "medium" hands fp32 matmuls to oneDNN, slower here
             assert (rt.dtype, rt.compile, torch.get_float32_matmul_precision()) == (dtype, False, "high")
-            assert rt.peak_flops > 1e8  # measured: this CPU's matmul peak in rt.dtype
+            assert measured == [(torch.device("cpu"), dtype)] and rt.peak_flops == 1e9  # this CPU's, in rt.dtype
+        monkeypatch.undo()
+        assert common.matmul_flops(torch.device("cpu"), torch.float32, n=256, repeats=1) > 1e8  # a real figure
         rt = train_py.Runtime(distributed=False, rank=0, local_rank=0, world=1)
         train_py.start(rt, train_py.TrainConfig(device="cpu", dtype="float32", compile="true", peak_flops=5e9,
                                                 max_iters=1))
@@ -423,19 +459,16 @@ def test_mixture_settings(byte_data, tmp_path, capsys):
     assert "another tokenizer" in refused(capsys, f"--data={byte_data}:1,{r50k}:1", *tiny)
 
 def test_each_preset_builds_the_model_its_comment_claims():
-    # (total, without embeddings) in millions, as the presets' comments and the README say, with each
-    # preset's data vocabulary rounded up to a multiple of 64 as train.py does
-    claims = {"shakespeare_cpu": (4097, 1.27, 0.74), "lillm_39m": (8192, 39.6, 35.4),
-              "tinystories_23m": (10000, 22.7, 12.5), "llama3_220m": (50257, 219.3, 167.8),
-              "gpt2_51m": (50257, 51.0, 25.2), "lf_llm_269m": (50257, 269.6, 218.1),
-              "gpt2_small": (50257, 123.6, 85.0)}
-    assert set(claims) | {"shakespeare_chat"} == set(train_py.PRESETS)  # the chat preset is its base's model
-    model_keys = {f.name for f in train_py.fields(ModelConfig)}
-    for name, (vocab, total, body) in claims.items():
-        settings = {k: v for k, v in train_py.PRESETS[name].items() if k in model_keys}
-        settings.setdefault("vocab_size", 64 * -(-vocab // 64))
+    # (total, without embeddings) in millions, as the presets' comments and the README say; "" is the
+    # defaults: ModelConfig() alone is the CPU demo's model, vocabulary included
+    claims = {"": (1.27, 0.74), "lillm_39m": (39.6, 35.4), "tinystories_23m": (22.7, 12.5),
+              "llama3_220m": (219.3, 167.8), "gpt2_51m": (51.0, 25.2), "lf_llm_269m": (269.6, 218.1),
+              "gpt2_small": (123.6, 85.0)}
+    assert set(claims) - {""} | {"shakespeare_chat"} == set(presets.PRESETS)  # the chat preset: its base's model
+    model_keys = {f.name for f in fields(ModelConfig)}
+    for name, (total, body) in claims.items():
         with torch.device("meta"):
-            model = Transformer(ModelConfig(**settings))
+            model = Transformer(ModelConfig(**{k: v for k, v in presets.PRESETS.get(name, {}).items() if k in model_keys}))
         assert (round(model.num_params() / 1e6, 2 if total < 2 else 1),
                 round(model.num_params(embeddings=False) / 1e6, 2 if total < 2 else 1)) == (total, body), name
 
@@ -444,19 +477,18 @@ def test_init_from_hf_starts_where_transformers_is(byte_data, tmp_path):
     transformers = pytest.importorskip("transformers")
     import tiktoken
 
-    import export
     # a random Llama as transformers makes it (GQA, untied, another rope_theta), saved in shards, with
     # GPT-2's tokenizer.json beside it as Hugging Face folders carry one
     config = transformers.LlamaConfig(vocab_size=50304, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
                                       rope_theta=5e5, tie_word_embeddings=False)
     torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(config).eval()
+    theirs = transformers.LlamaForCausalLM(config).eval()
     folder = tmp_path / "hf"
-    hf.save_pretrained(folder, max_shard_size="4MB")
+    theirs.save_pretrained(folder, max_shard_size="4MB")
     assert (folder / "model.safetensors.index.json").exists()
     enc = tiktoken.get_encoding("r50k_base")
-    export.write_hf_tokenizer(enc, enc.eot_token, 32, folder)
+    hf.write_hf_tokenizer(enc, enc.eot_token, 32, folder)
     data = tmp_path / "data"
     made = python("prepare.py", "--input", SHAKESPEARE, "--tokenizer", f"hf:{folder}", "--out", data)
     assert made.returncode == 0, made.stderr
@@ -469,7 +501,7 @@ def test_init_from_hf_starts_where_transformers_is(byte_data, tmp_path):
     mix = data_py.Mixture(data_py.load_data(str(data)), "train", 32, seed=1337)
     x, y = mix.batch(range(4), torch.device("cpu"))
     with torch.no_grad():
-        ref = torch.nn.functional.cross_entropy(hf(x).logits.flatten(0, 1), y.flatten()).item()
+        ref = torch.nn.functional.cross_entropy(theirs(x).logits.flatten(0, 1), y.flatten()).item()
     assert losses(tmp_path / "run")[0][1] == pytest.approx(ref, abs=1e-4)
     # data from another tokenizer is refused
     other = python("train.py", f"--data={byte_data}", f"--out-dir={tmp_path / 'other'}", f"--init-from-hf={folder}",
@@ -486,11 +518,11 @@ def test_bits_per_byte_against_a_direct_count(byte_data):
                                     multiple_of=16))
     cfg = train_py.TrainConfig(max_iters=1, batch_size=4, eval_batches=3)
     rt = train_py.Runtime(distributed=False, rank=0, local_rank=0, world=1, device=torch.device("cpu"), amp=nullcontext())
-    record = train_py.evaluate_val(model, val, enc, cfg, rt)
+    record = evaluate.evaluate_val(model, val, enc, cfg, rt)
     x, y = val.windows[0].batch(range(12), rt.device)
     with torch.no_grad():
         losses = torch.nn.functional.cross_entropy(model(x, y)[0].flatten(0, 1), y.flatten(), reduction="none")
     text = y.flatten() != enc.eot_token
     assert record["val_loss"] == pytest.approx(losses.mean().item(), rel=1e-5)
     assert record["val_bpb"] == pytest.approx((losses[text].sum() / text.sum() / math.log(2)).item(), rel=1e-5)
-    assert train_py.token_bytes(enc, rt.device).tolist() == [1.0] * 256 + [0.0]
+    assert evaluate.token_bytes(enc, rt.device).tolist() == [1.0] * 256 + [0.0]

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import sample
-from common import load_for_inference, load_tokenizer
+from checkpoint import load_for_inference
+from tokenizer import load_tokenizer
 from conftest import (R50K, R50K_EOT, ROOT, SMALL_BPE, SMALL_EOT, full_forward_greedy, full_logits, python,
                       write_checkpoint)
 
@@ -204,9 +205,9 @@ def bad_files(tmp_path_factory):
     (d / "broken_hf").mkdir()
     (d / "broken_hf" / "config.json").write_text("{}")
     (d / "broken_hf" / "model.safetensors").write_bytes(b"")
-    import export  # a good folder, minus any tokenizer (our spec and tokenizer.json)
+    import hf  # a good folder, minus any tokenizer (our spec and tokenizer.json)
     (d / "hf").mkdir()
-    export.export_hf(*load_for_inference(good), d / "hf")
+    hf.export_hf(*load_for_inference(good), d / "hf")
     config = json.loads((d / "hf" / "config.json").read_text())
     (d / "hf" / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "tiktoken_spec"}))
     (d / "hf" / "tokenizer.json").unlink(missing_ok=True)

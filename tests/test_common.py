@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import pytest
 
 import common
+import tokenizer
+import hf
 from common import setting
 from conftest import R50K, ROOT, SMALL_BPE
 
@@ -100,15 +102,15 @@ def test_swap_in_replaces_a_folder_whole(tmp_path):
     assert (tmp_path / "fresh").is_dir() and not (tmp_path / "fresh.partial").exists()
 
 def test_tokenizer_fingerprints_follow_the_ids_not_the_names():
-    enc = common.load_tokenizer(SMALL_BPE)
-    renamed = common.load_tokenizer({**SMALL_BPE, "name": "another-name"})
+    enc = tokenizer.load_tokenizer(SMALL_BPE)
+    renamed = tokenizer.load_tokenizer({**SMALL_BPE, "name": "another-name"})
     lines = SMALL_BPE["ranks"].splitlines(True)
     a, b = lines[97].split()[0], lines[98].split()[0]
-    swapped = common.load_tokenizer({**SMALL_BPE, "ranks": "".join(lines[:97] + [f"{b} 97\n", f"{a} 98\n"] + lines[99:])})
+    swapped = tokenizer.load_tokenizer({**SMALL_BPE, "ranks": "".join(lines[:97] + [f"{b} 97\n", f"{a} 98\n"] + lines[99:])})
     assert base64.b64decode(a) == b"a" and swapped.encode("a") != enc.encode("a")
-    assert common.tokenizer_fingerprint(enc) == common.tokenizer_fingerprint(renamed)
-    assert common.tokenizer_fingerprint(enc) != common.tokenizer_fingerprint(swapped)
-    assert common.tokenizer_fingerprint(common.load_tokenizer(R50K)) != common.tokenizer_fingerprint(enc)
+    assert tokenizer.tokenizer_fingerprint(enc) == tokenizer.tokenizer_fingerprint(renamed)
+    assert tokenizer.tokenizer_fingerprint(enc) != tokenizer.tokenizer_fingerprint(swapped)
+    assert tokenizer.tokenizer_fingerprint(tokenizer.load_tokenizer(R50K)) != tokenizer.tokenizer_fingerprint(enc)
 
 def test_devices_this_machine_lacks_are_errors(capsys):
     assert common.pick_device("cpu").type == "cpu"
@@ -154,12 +156,12 @@ def test_a_byte_level_bpe_tokenizer_json_becomes_the_same_tiktoken_ids(tmp_path,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([SHAKESPEARE.read_text()[:200_000], "2026 1,234.56 12345"], trainer)
     tok.save(str(tmp_path / "tokenizer.json"))
-    spec = common.tokenizer_from_hf(tmp_path)
-    enc = common.load_tokenizer(spec)
+    spec = hf.tokenizer_from_hf(tmp_path)
+    enc = tokenizer.load_tokenizer(spec)
     text = SHAKESPEARE.read_text()[-5000:] + " 31 Dec 1999: $12.50, 日本 🦙"
     assert enc.encode_ordinary(text) == tok.encode(text).ids
     assert enc.eot_token == 0 and spec["special_tokens"] == {"<|endoftext|>": 0, "<|im_start|>": 1}
     # a tokenizer of another kind is refused in one line
     (tmp_path / "tokenizer.json").write_text('{"model": {"type": "Unigram", "vocab": []}}')
     with pytest.raises(SystemExit):
-        common.tokenizer_from_hf(tmp_path)
+        hf.tokenizer_from_hf(tmp_path)

@@ -12,7 +12,10 @@ import torch
 
 import export
 import sample
-from common import load_for_inference, load_tokenizer
+from checkpoint import load_for_inference
+from tokenizer import load_tokenizer
+import tokenizer
+import hf
 from conftest import (R50K, R50K_EOT, SHAKESPEARE, SMALL_BPE, SMALL_EOT, assert_user_error, python,
                       write_checkpoint)
 
@@ -110,7 +113,7 @@ def test_an_export_never_half_replaces_a_folder(tmp_path, capsys, monkeypatch):
     def disk_full(*args):
         raise OSError(28, "No space left on device", str(folder))
     with monkeypatch.context() as m:  # the disk fills up while the new export is written
-        m.setattr(export, "write_hf_tokenizer", disk_full)
+        m.setattr(hf, "write_hf_tokenizer", disk_full)
         assert "No space left on device" in refused("--ckpt", second, "--force")
     assert folder_bytes(folder) == old and not list((tmp_path / "hf").glob("*partial*"))
     export_main("--ckpt", second, "--force")  # replaced, whole
@@ -179,11 +182,10 @@ def test_gguf_holds_our_weights_and_tokenizer(tmp_path, capsys, spec):
     gguf = pytest.importorskip("gguf")
     import numpy as np
 
-    import common
     if spec == "r50k":
         ckpt = write_checkpoint(tmp_path / "ckpt.pt", R50K, R50K_EOT, n_kv_head=2)
     else:  # a BPE with GPT-2's split pattern, as prepare.py trains, padded as train.py pads
-        bpe = {**SMALL_BPE, "pat_str": common.GPT2_PAT}
+        bpe = {**SMALL_BPE, "pat_str": tokenizer.GPT2_PAT}
         ckpt = write_checkpoint(tmp_path / "ckpt.pt", bpe, SMALL_EOT, n_kv_head=2, vocab_size=SMALL_EOT + 64)
     export_main("--ckpt", ckpt, "--gguf", "f32", "--out", tmp_path / "m.gguf")
     model, enc, eot, _ = load_for_inference(ckpt)
@@ -206,7 +208,7 @@ def test_gguf_holds_our_weights_and_tokenizer(tmp_path, capsys, spec):
     assert field("llama.attention.layer_norm_rms_epsilon")[0] == pytest.approx(mc.norm_eps)
     tokens = field("tokenizer.ggml.tokens")
     assert len(tokens) == enc.n_vocab and tokens[eot] == "<|endoftext|>"
-    char = common.bytes_to_unicode()  # each token's bytes, in GPT-2's visible characters
+    char = hf.bytes_to_unicode()  # each token's bytes, in GPT-2's visible characters
     assert all(tokens[i] == "".join(char[b] for b in enc.decode_single_token_bytes(i)) for i in range(0, eot, 7))
     # the tensors: our weights, q and k in the interleaved RoPE layout, the padded rows cut
     tensors = {t.name: np.array(t.data) for t in reader.tensors}
