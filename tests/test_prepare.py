@@ -388,7 +388,7 @@ def test_presets_carry_the_folders_train_py_reads_and_flags_win():
     assert (cfg.preset, cfg.out, cfg.vocab_size, cfg.val_fraction) == (None, None, 0, 0.01)
     cfg = prepare.parse_settings(["--preset", "fineweb-edu", "--input", "local.parquet"])  # a source replaces one
     assert (cfg.dataset, cfg.input, cfg.out) == (None, ["local.parquet"], "data/fineweb_edu")
-    # train.py's presets read data/shakespeare (shakespeare_cpu), data/tinystories (lillm_39m, 8192 ids) and
+    # train.py reads data/shakespeare (its defaults), data/tinystories (lillm_39m, 8192 ids) and
     # data/fineweb_edu (lf_llm_269m, gpt2_small)
     outs = {name: p["out"] for name, p in prepare.PRESETS.items()}
     assert outs == {"shakespeare": "data/shakespeare", "tinystories": "data/tinystories",
