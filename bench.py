@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from memory import kept_bytes, saved_bytes
 from hf import to_hf
 from model import ModelConfig, Transformer
-from common import (autocast, check, cpu_has_bf16, die, flag, gpu_peak_flops, matmul_flops, one_line,
+from hardware import cpu_has_bf16, gpu_peak_flops, matmul_flops, read_bandwidth, seconds
+from common import (autocast, check, die, flag, one_line,
                     parse_config, parse_flags, pick_device, run_main, setting)
 
 SECTIONS = ("train", "decode", "tokenize", "limit", "time_to_loss", "memory")
@@ -83,7 +84,7 @@ class BenchConfig:
     sections: str = setting("train,decode,tokenize,limit", "comma list of " + ", ".join(SECTIONS))
     text_file: str = setting("", "text for the tokenize section")
     tokenize_copies: int = setting(10, "the tokenize section's corpus: this many copies of --text-file")
-    peak_flops: float = setting(0.0, "accelerator peak FLOP/s for MFU; 0 = looked up in common.PEAK_FLOPS")
+    peak_flops: float = setting(0.0, "accelerator peak FLOP/s for MFU; 0 = looked up in hardware.PEAK_FLOPS")
     seed: int = setting(0, "seed of weights and inputs")
     ttl_run: str = setting("nanogpt", "time_to_loss: nanogpt (nanoGPT's CPU config on bytes) or demo (train.py's defaults)")
     ttl_variants: str = setting("fp32-adamw,bf16-adamw,bf16-muon", "time_to_loss: the runs, dtype-optimizer")
@@ -113,22 +114,12 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 # --- Timing ---------------------------------------------------------------------------------------
-def timed(fn, device):
-    """Seconds one call of fn takes, waiting for the GPU to finish its queue on both sides."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
 def interleaved(runs, repeats, device):
     """Time each fn of runs (name -> fn) `repeats` times, taking turns: A B A B ..."""
     secs = {name: [] for name in runs}
     for _ in range(repeats):
         for name, fn in runs.items():
-            secs[name].append(timed(fn, device))
+            secs[name].append(seconds(fn, device))
     return secs
 
 def summary(ours, theirs, tokens):
@@ -203,7 +194,7 @@ def bench_train(cfg, ours, theirs, device, amp, compiled):
         steps[name], losses[name] = train_step_fn(model, is_hf, x, y, amp, compiled)
         # Untimed warm-up: allocations, AdamW state and, compiled, the compilation itself; the
         # second step does none of that, so the difference is the compile time.
-        first, second = timed(steps[name], device), timed(steps[name], device)
+        first, second = seconds(steps[name], device), seconds(steps[name], device)
         if compiled:  # a second run of bench.py compiles faster, from inductor's on-disk cache
             result[f"compile_s_{name}"] = round(first - second, 1)
         log(f"train{' compiled' if compiled else ''} {name}: warm-up steps {first:.2f}s, {second:.2f}s")
@@ -311,12 +302,6 @@ def bench_decode(cfg, ours, theirs, device, amp):
     result |= {"weights_gb_s": round(streamed / 1e9, 2), "read_bandwidth_gb_s": round(bandwidth / 1e9, 1),
                "bandwidth_fraction": float(f"{streamed / bandwidth:.3g}")}  # 3 digits, even when tiny
     return result
-
-def read_bandwidth(device, gigabytes=0.5):
-    """Bytes per second of reading a large tensor (a sum over it), the best of a few."""
-    x = torch.ones(int(gigabytes * 2**30) // 4, device=device)
-    x.sum()  # warm-up: the pages are touched
-    return x.numel() * 4 / min(timed(x.sum, device) for _ in range(3))
 
 # --- The limit: peak matmul FLOP/s against the training step's ------------------------------------
 def bench_limit(cfg, ours, device):

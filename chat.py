@@ -20,10 +20,14 @@ ROLES = ("system", "user", "assistant")
 
 # The same layout for transformers. The text between special tokens is tokenized in one piece on both
 # sides (render() below encodes "role\ncontent" and "\n" separately for that reason).
-JINJA_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
+MESSAGES_TEMPLATE = (
+    "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# transformers renders the end-of-text that starts every conversation from the template (our
+# end-of-text is its bos_token). llama.cpp adds it as the GGUF's BOS token instead (add_bos = true),
+# on its built-in ChatML path and on the --jinja path alike, so its template leaves it out.
+JINJA_TEMPLATE = "{{ bos_token }}" + MESSAGES_TEMPLATE
 
 def chat_tokens(n_vocab):
     """{marker: id} of the two chat tokens for a tokenizer of n_vocab ids: the next two ids."""
@@ -39,6 +43,9 @@ def conversation(row, where):
     if isinstance(row.get("messages"), list):
         messages = row["messages"]
     elif isinstance(row.get("instruction"), str) and isinstance(row.get("output"), str):
+        if row.get("input") is not None and not isinstance(row["input"], str):
+            die(f"{where}: \"input\" is {row['input']!r} ({type(row['input']).__name__}), not text; "
+                "write it as a string")
         question = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
         messages = [{"role": "user", "content": question}, {"role": "assistant", "content": row["output"]}]
     else:

@@ -13,6 +13,7 @@ starting point of a fine-tune.
 import dataclasses
 import math
 import os
+import warnings
 
 import torch
 
@@ -42,9 +43,12 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         die(f"checkpoint {path} not found (train.py writes OUT_DIR/ckpt.pt and OUT_DIR/best.pt)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickles of other protocols before it refuses them
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several kinds for a damaged file
-        die(f"cannot read checkpoint {path} ({type(e).__name__}); is the file complete?")
+        die(f"cannot read checkpoint {path} ({type(e).__name__}): a damaged file, or not one train.py wrote "
+            "(checkpoints load as data, never as code)")
     ckpt = ckpt if isinstance(ckpt, dict) else {}
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
     if missing or ckpt["version"] != CHECKPOINT_VERSION:

@@ -57,6 +57,11 @@ def one_line(e):
     """An exception as a short single line, for messages that quote it."""
     return " ".join(str(e).split())[:300] or type(e).__name__
 
+def printable(text):
+    """text safe for a terminal: control characters (ESC, which starts a terminal command, \\r, ...)
+    shown as \\x.. escapes; newlines and tabs kept. For text that comes from a model or a user."""
+    return "".join(c if c.isprintable() or c in "\n\t" else f"\\x{ord(c):02x}" for c in text)
+
 def run_main(main):
     """Run main(argv) as a script: Ctrl-C, a closed pipe and a failing disk end without a traceback."""
     try:
@@ -170,67 +175,21 @@ def pick_device(name="auto"):
         die(f"--device={name} is unknown or not on this machine; use auto, cpu, cuda, cuda:N or mps")
     return device
 
-def cpu_has_bf16():
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), read from /proc/cpuinfo: a
-    capability check rather than a timing probe, so the choice is the same on every run. With it,
-    oneDNN runs bf16 matmuls at twice the fp32 rate (training ran 2.6x faster on a 2-core EPYC);
-    without it bf16 is emulated and slower than fp32. Not Linux: assume not."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
 def pick_dtype(name, device):
-    """The autocast dtype by name; auto: bf16 on GPUs and CPUs that have it, fp16 on older GPUs,
-    fp32 elsewhere (MPS included)."""
+    """The autocast dtype by name; auto: bf16 on GPUs and on CPUs that multiply it natively (chosen by
+    capability, not by timing: the same on every run), fp16 on older GPUs, fp32 elsewhere (MPS too)."""
     import torch
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else torch.float32
-
-def matmul_flops(device, dtype, n=2048, repeats=3):
-    """Measured peak matmul FLOP/s of device in dtype: the best of a few n x n products. A CPU without
-    native bf16 emulates it ~50x slower than fp32 (measured on an AVX2-only EPYC): its peak is fp32's,
-    and timing the emulation would take minutes."""
-    import time
-
-    import torch
-    if device.type == "cpu" and dtype != torch.float32 and not cpu_has_bf16():
-        dtype = torch.float32
-    g = torch.Generator().manual_seed(0)  # its own: drawing from torch's would shift a run's dropout
-    a, b = (torch.randn(n, n, generator=g).to(device, dtype) for _ in range(2))
-    best = math.inf
-    for _ in range(repeats + 1):  # the first warms up
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+    import hardware  # (as a module: tests can stand in for the CPU's flags)
+    return torch.bfloat16 if device.type == "cpu" and hardware.cpu_has_bf16() else torch.float32
 
 def autocast(device, dtype):
     """Low precision where it is safe: matmuls in dtype, weights and reductions stay fp32."""
     import torch
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-# Dense (no sparsity) bf16/fp16 tensor-core peak FLOP/s per GPU from the vendors' datasheets: MFU
-# is quoted against these whatever the dtype (pass --peak-flops for fp32/TF32 runs or other GPUs).
-# The first name found in torch.cuda.get_device_name() wins: specific names before general ones.
-PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
-              ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
-              ("A10", 125e12), ("4090", 165e12), ("3090", 71e12), ("V100", 125e12), ("T4", 65e12)]
-
-def gpu_peak_flops(device):
-    """Peak FLOP/s of a CUDA device from PEAK_FLOPS; 0.0 when unknown (MFU is then not shown)."""
-    import torch
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return next((flops for key, flops in PEAK_FLOPS if key in name), 0.0) if name else 0.0
 
 # --- Files: atomic writes, folder swaps, one run per folder ---------------------------------------
 def download(url, path, hint):
@@ -279,30 +238,71 @@ def fsync_folder(folder):
     finally:
         os.close(fd)
 
-_held_locks = {}  # folder -> open lock file: a lock lasts as long as its descriptor, so until exit
+_held_locks = {}  # a folder's real path -> (its lock file, the open descriptor that holds the lock)
 
 def lock(folder, what):
     """Make this process the only writer of folder (which need not exist yet) until it exits, by an
-    exclusive lock on the file .<name>.lock beside it; the kernel drops the lock when the process
-    dies, so a killed run never blocks the next. A second run gets a one-line error with the pid."""
+    exclusive lock on the file .<name>.lock beside it. The lock is taken on the folder's real path
+    (symlinks resolved), so two names of one folder share it. The kernel drops the lock when the
+    process dies, so a killed run never blocks the next; an orderly exit also removes the file. A
+    second run gets a one-line error with the first one's pid."""
+    import atexit
     import fcntl
-    folder = Path(folder).absolute()
+    folder = Path(folder).resolve()
     if folder in _held_locks:
         return
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder.parent / f".{folder.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        die(f"cannot write {folder.parent}: {e.strerror}; choose another {what}")
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+    if folder.parent == folder:
+        die(f"{what} {folder} is the root folder; choose a folder of its own")
+    path = folder.parent / f".{folder.name}.lock"
+    while True:
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            die(f"cannot write {folder.parent}: {e.strerror}; choose another {what}")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            die(f"{folder} is in use by another run (pid {pid}); wait for it to finish or choose another {what}")
+        # The run before us may have removed the file as it exited, after we opened it: then our
+        # lock is on a file nobody else can open. Only a lock on the file at path counts.
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
         os.close(fd)
-        die(f"{folder} is in use by another run (pid {pid}); wait for it to finish or choose another {what}")
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
-    _held_locks[folder] = fd
+    if not _held_locks:
+        atexit.register(release_locks)
+    _held_locks[folder] = (path, fd)
+
+def release_locks():
+    """At exit: remove the lock files, each while still holding its lock, so no run can slip in between."""
+    for path, fd in _held_locks.values():
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+    _held_locks.clear()
+
+def own_folder(folder, what):
+    """folder, resolved, if it may be replaced whole: not the current folder or one that holds it
+    (swapping it away would pull the floor from under this process and the user's shell)."""
+    folder = Path(folder).resolve()
+    if folder == Path.cwd().resolve() or folder in Path.cwd().resolve().parents:
+        die(f"{what} {folder} is the current folder or holds it; name a folder of its own, e.g. {what} out/new")
+    return folder
+
+def file_in(folder, name, what):
+    """folder/name for a file name that a file in folder gives (meta.json, an index): a plain name,
+    and not a symbolic link, so a damaged or hostile folder cannot make us read elsewhere."""
+    if not isinstance(name, str) or name in ("", ".", "..") or os.path.basename(name) != name or "\\" in name:
+        die(f"{what} names {name!r}, not a plain file name in {folder}; it is damaged: write it again")
+    path = os.path.join(folder, name)
+    if os.path.islink(path):
+        die(f"{path} is a symbolic link; copy the file into {folder} instead")
+    return path
 
 def swap_in(new, final):
     """Put the finished folder new in place of final in one step, then delete the old one: at every

@@ -14,10 +14,11 @@ import os
 import numpy as np
 import torch
 
-from common import die, one_line
-from tokenizer import load_tokenizer, tokenizer_fingerprint
+from common import die, file_in, one_line
+from tokenizer import load_tokenizer, tokenizer_fingerprint, with_ranks
 def load_meta(folder):
-    """meta.json of a prepare.py folder, every field train.py uses checked, and the shards' sizes."""
+    """meta.json of a prepare.py folder, every field train.py uses checked (a damaged one is named),
+    and the shards' sizes."""
     path = os.path.join(folder, "meta.json")
     if os.path.isfile(folder):
         die(f"--data={folder} is a file; give the folder prepare.py wrote (python prepare.py --out FOLDER)")
@@ -26,29 +27,41 @@ def load_meta(folder):
     try:
         with open(path) as f:
             meta = json.load(f)
-        itemsize = {"uint16": 2, "uint32": 4}[meta["dtype"]]
-        vocab, eot, spec = meta["vocab_size"], meta["eot_id"], meta["tokenizer"]
-        entries = [(split, s["file"], s["tokens"]) for split in ("train", "val")
-                   for s in meta["shards"][split]]  # (split, file name, tokens) of each shard
-        masks = [(split, s["file"], s["tokens"]) for split in ("train", "val")
-                 for s in meta.get("loss_mask", {}).get(split, [])]  # one byte a token, beside each shard
-        assert not masks or [n for *_, n in masks] == [n for *_, n in entries]
-        assert isinstance(vocab, int) and isinstance(eot, int) and 0 <= eot < vocab <= 256 ** itemsize
-        assert isinstance(spec, dict) and spec.get("kind") in ("tiktoken", "bpe")
-        assert all(isinstance(f, str) and os.path.basename(f) == f and isinstance(n, int)
-                   for _, f, n in entries + masks)  # plain file names: meta.json cannot point outside the folder
-    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
-        die(f"{path} is damaged or not written by prepare.py ({type(e).__name__} {one_line(e)}); "
-            "re-run prepare.py")
+    except (OSError, ValueError) as e:
+        die(f"{path} is not readable JSON ({one_line(e)}); re-run prepare.py")
+
+    def need(ok, field):
+        if not ok:
+            die(f"{path}: {field} is missing or wrong; it is damaged or not prepare.py's: re-run prepare.py")
+    need(isinstance(meta, dict), "the top level (an object)")
+    need(meta.get("dtype") in ("uint16", "uint32"), '"dtype" (uint16 or uint32)')
+    itemsize = {"uint16": 2, "uint32": 4}[meta["dtype"]]
+    vocab, eot, spec = meta.get("vocab_size"), meta.get("eot_id"), meta.get("tokenizer")
+    need(isinstance(vocab, int) and 0 < vocab <= 256 ** itemsize, f'"vocab_size" (1 to {256 ** itemsize})')
+    need(isinstance(eot, int) and 0 <= eot < vocab, '"eot_id" (an id below vocab_size)')
+    need(isinstance(spec, dict) and spec.get("kind") in ("tiktoken", "bpe"), '"tokenizer" (a tiktoken or bpe spec)')
+    files = {}  # (split, kind) -> [(file, tokens)]
+    for key, kind in (("shards", "bin"), ("loss_mask", "mask")):
+        if key == "loss_mask" and key not in meta:
+            continue
+        for split in ("train", "val"):
+            entries = meta.get(key, {}).get(split) if isinstance(meta.get(key), dict) else None
+            need(isinstance(entries, list) and all(isinstance(e, dict) and isinstance(e.get("tokens"), int)
+                                                   and e.get("tokens", -1) >= 0 for e in entries),
+                 f'"{key}" of {split} (a list of {{"file", "tokens"}})')
+            files[split, kind] = [(file_in(folder, e.get("file"), path), e["tokens"]) for e in entries]
     for split in ("train", "val"):
-        if not meta["shards"][split]:
+        masks, shards = files.get((split, "mask")), files[split, "bin"]
+        need(masks is None or [n for _, n in masks] == [n for _, n in shards],
+             f'"loss_mask" of {split} (one mask file per shard, as long as it)')
+        if not files[split, "bin"]:
             die(f"{path} lists no {split} shards; re-run prepare.py with --val-fraction > 0")
-    for (split, file, n), size_of_one in [(e, itemsize) for e in entries] + [(m, 1) for m in masks]:
-        file = os.path.join(folder, file)
-        size = os.path.getsize(file) if os.path.isfile(file) else -1
-        if size != n * size_of_one:
-            die(f"{file} has {size} bytes but meta.json says {n} tokens of {size_of_one} byte(s): the file is "
-                "missing, truncated or corrupt; re-run prepare.py")
+    for (split, kind), entries in files.items():
+        for file, n in entries:
+            size = os.path.getsize(file) if os.path.isfile(file) else -1
+            if size != n * (itemsize if kind == "bin" else 1):
+                die(f"{file} has {size} bytes but meta.json says {n} tokens of {itemsize if kind == 'bin' else 1} "
+                    "byte(s): the file is missing, truncated or corrupt; re-run prepare.py")
     return meta
 
 def data_sources(data):
@@ -61,9 +74,9 @@ def data_sources(data):
         except ValueError:  # a colon in the folder's name, no weight
             sources.append((part, 1.0))
     total = sum(w for _, w in sources)
-    if len(sources) > 1 and not all(w > 0 and math.isfinite(w) for _, w in sources):
-        die(f"--data={data}: every weight of a mixture must be a positive number")
-    if len({f for f, _ in sources}) < len(sources):
+    if not all(0 < w < math.inf for _, w in sources) or not math.isfinite(total):
+        die(f"--data={data}: every weight must be a positive number, and their sum finite")
+    if len({os.path.realpath(f) for f, _ in sources}) < len(sources):  # data/x and data/x/ are one folder
         die(f"--data={data} names a folder twice; give each once, with its whole weight")
     return [(folder, w / total) for folder, w in sources]
 
@@ -81,12 +94,12 @@ def load_data(data):
 
 def tokenizer_of(meta):
     """(tiktoken encoding, spec with the ranks inline) of a data folder: checkpoints carry the spec."""
-    folder, spec = meta["folder"], dict(meta["tokenizer"])
+    folder = meta["folder"]
     try:
-        if "ranks_file" in spec:
-            with open(os.path.join(folder, spec.pop("ranks_file"))) as f:
-                spec["ranks"] = f.read()
+        spec = with_ranks(meta["tokenizer"], folder)
         enc = load_tokenizer(spec)
+    except SystemExit:
+        raise
     except Exception as e:  # a missing or damaged ranks file, tiktoken offline without its cache
         die(f"cannot load the tokenizer of {folder}: {one_line(e)}; re-run prepare.py")
     if enc.n_vocab != meta["vocab_size"] or enc.eot_token != meta["eot_id"]:
@@ -102,7 +115,7 @@ class TokenWindows:
     next, or a piece of a long one, and its mask moves with its tokens."""
 
     def __init__(self, folder, meta, split, seq_len):
-        self.files = [os.path.join(folder, s["file"]) for s in meta["shards"][split]]
+        self.folder, self.files = folder, [os.path.join(folder, s["file"]) for s in meta["shards"][split]]
         self.shards = [np.memmap(f, dtype=meta["dtype"], mode="r") for f in self.files]
         self.masks = [np.memmap(os.path.join(folder, s["file"]), dtype=np.uint8, mode="r")
                       for s in meta.get("loss_mask", {}).get(split, [])]

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 import hellaswag
 from checkpoint import check_tokenizer, tokenizer_from_checkpoint
-from common import die
+from common import die, printable
 from data import Mixture, tokenizer_of
 from report import RunLog, perplexity
 
@@ -54,6 +54,10 @@ def evaluate_loss(model, windows, cfg, rt, nbytes):
     if rt.world > 1:
         dist.all_reduce(total)
     model.train()
+    if total[1] == 0:  # (on every rank alike: the counts are summed) a loss of 0 / 0 would read as NaN
+        die(f"the validation set of {windows.folder} ({n} windows of {windows.seq_len} tokens) holds no token to "
+            "learn: its replies are too short or too few there; raise --eval-batches, or prepare the data with a "
+            "larger --val-fraction")
     return (total[0] / total[1]).item(), (total[2] / (math.log(2) * total[3])).item()
 
 def evaluate_val(model, val, enc, cfg, rt):
@@ -73,8 +77,7 @@ def sample_text(model, enc, eot_id, n_tokens, seed, rt):
     with rt.amp:
         out = model.generate(prompt, n_tokens, temperature=0.8, top_k=200, vocab_size=enc.n_vocab,
                              generator=torch.Generator(rt.device).manual_seed(seed))
-    text = enc.decode(out[0, 1:].tolist())
-    return "".join(c if c.isprintable() or c == "\n" else f"\\x{ord(c):02x}" for c in text)
+    return printable(enc.decode(out[0, 1:].tolist()))
 
 def evaluate_only(cfg, model, ckpt, meta, rt):
     """--eval-only: val loss (when the data folder exists) and HellaSwag of a checkpoint; one log line."""

@@ -16,7 +16,8 @@ The folder: config.json + model.safetensors (LlamaForCausalLM), generation_confi
 tokenizer.json + tokenizer_config.json (the same ids as our tiktoken tokenizer), and our tokenizer
 spec in config.json["tiktoken_spec"] (a trained BPE's ranks beside it, in tokenizer.tiktoken),
 which sample.py --hf-dir reads. The folder is built beside --out and swapped in whole, so a
-crash never leaves half an export; replacing an existing folder needs --force.
+crash never leaves half an export; replacing an earlier export needs --force, and a folder that
+holds files export.py does not write (a run's checkpoints, your notes) is never replaced.
 """
 import importlib.util
 import os
@@ -26,8 +27,8 @@ from pathlib import Path
 
 import chat
 from checkpoint import load_for_inference
-from common import check, die, lock, parse_config, parse_flags, run_main, setting, swap_in
-from hf import export_hf, to_hf, vocab_and_merges
+from common import check, die, lock, own_folder, parse_config, parse_flags, run_main, setting, swap_in
+from hf import FOLDER_FILES, export_hf, to_hf, vocab_and_merges
 from tokenizer import GPT2_PAT
 
 @dataclass
@@ -106,10 +107,12 @@ def export_gguf(model, enc, eot_id, path, dtype, name="model"):
     writer.add_bos_token_id(eot_id)
     writer.add_eos_token_id(eot_id)
     writer.add_pad_token_id(eot_id)
-    writer.add_add_bos_token(False)  # prompts are continued as given, as sample.py does
+    # A base model's prompts are continued as given, as sample.py does. A chat model's conversations
+    # start with end-of-text, as in training: llama.cpp adds it as BOS on every chat path.
+    writer.add_add_bos_token(chat.is_chat(enc))
     if chat.is_chat(enc):  # a chat model ends its turns with <|im_end|>
         writer.add_eot_token_id(enc.encode_single_token(chat.TURN_END))
-        writer.add_chat_template(chat.JINJA_TEMPLATE)
+        writer.add_chat_template(chat.MESSAGES_TEMPLATE)
     for name, tensor in state.items():
         name = name.removeprefix("model.")
         layer = name.split(".")[1] if name.startswith("layers.") else None
@@ -136,13 +139,15 @@ def export_gguf(model, enc, eot_id, path, dtype, name="model"):
 def main_gguf(cfg):
     """--gguf: the checkpoint as one GGUF file, written beside its place and renamed into it."""
     name = Path(cfg.ckpt).absolute().parent.name
-    out = Path(cfg.out or Path("gguf") / f"{name}-{cfg.gguf}.gguf")
+    out = Path(cfg.out or Path("gguf") / f"{name}-{cfg.gguf}.gguf").absolute()
     if out.is_dir():
         die(f"--out {out} is a folder; name a .gguf file")
+    if out.exists() and out.suffix != ".gguf":  # --force replaces an earlier export, not any file
+        die(f"{out} exists and is not a .gguf file; name a .gguf file")
     if out.exists() and not cfg.force:
         die(f"{out} exists; pass --force to replace it, or choose another --out")
     model, enc, eot_id, _ = load_for_inference(cfg.ckpt)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    lock(out, "--out")  # one export at a time into out
     partial = out.with_name(f".{out.name}.partial")
     try:
         export_gguf(model, enc, eot_id, str(partial), cfg.gguf, name)
@@ -151,17 +156,22 @@ def main_gguf(cfg):
         die(f"cannot write {e.filename or out}: {e.strerror}; {out} is as it was before")
     finally:
         partial.unlink(missing_ok=True)
-    print(f"wrote {out} ({out.stat().st_size / 1e6:,.1f} MB); run it with llama.cpp, e.g. "
-          f"llama-simple -m {out} -n 64 \"ROMEO:\"")
+    use = f"llama-cli -m {out} -cnv" if chat.is_chat(enc) else f"llama-simple -m {out} -n 64 \"ROMEO:\""
+    print(f"wrote {out} ({out.stat().st_size / 1e6:,.1f} MB); run it with llama.cpp, e.g. {use}")
 
 def main(argv):
     cfg = parse_config(ExportConfig, parse_flags(argv, [ExportConfig], __doc__))
     if cfg.gguf:
         return main_gguf(cfg)
-    out = Path(cfg.out or Path("hf") / Path(cfg.ckpt).absolute().parent.name)
+    # resolved: the folder is swapped whole, so it must be one of its own (not ".")
+    out = own_folder(cfg.out or Path("hf") / Path(cfg.ckpt).absolute().parent.name, "--out")
     if out.exists() and not out.is_dir():
         die(f"--out {out} is a file; choose a folder")
-    if out.is_dir() and any(out.iterdir()) and not cfg.force:
+    names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    strangers = [name for name in names if name not in FOLDER_FILES]
+    if strangers:  # even with --force: it replaces an earlier export, never a run or a user's files
+        die(f"{out} holds {strangers[0]}, which export.py does not write; choose another --out")
+    if names and not cfg.force:
         die(f"{out} is not empty; pass --force to replace it, or choose another --out")
     if importlib.util.find_spec("safetensors") is None:  # optional: only the Hugging Face format needs it
         die("the Hugging Face format needs safetensors: pip install safetensors")

@@ -16,9 +16,9 @@ import json
 import os
 
 import chat
-from common import die, one_line
+from common import die, file_in, one_line
 from model import ModelConfig, Transformer
-from tokenizer import GPT2_PAT, load_tokenizer, ranks_text
+from tokenizer import GPT2_PAT, load_tokenizer, ranks_text, with_ranks
 
 # --- State dicts and configs: pure functions --------------------------------------------------------
 def to_hf(state_dict, cfg):
@@ -157,6 +157,10 @@ def write_json(folder, name, obj):
         json.dump(obj, f, indent=2)
 
 # --- Folders ---------------------------------------------------------------------------------------
+# What export_hf writes: export.py replaces a folder only if it holds nothing else.
+FOLDER_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                "tokenizer_config.json", "tokenizer.tiktoken"}
+
 def export_hf(model, enc, eot_id, spec, folder):
     """Write the Hugging Face files of model and its tokenizer into folder (which exists, empty)."""
     from safetensors.torch import save_file
@@ -190,14 +194,15 @@ def export_hf(model, enc, eot_id, spec, folder):
     write_hf_tokenizer(enc, eot_id, model.config.max_seq_len, folder)
 
 def load_hf_state(folder):
-    """The tensors of model.safetensors, or of the shards model.safetensors.index.json lists."""
+    """The tensors of model.safetensors, or of the shards model.safetensors.index.json lists (plain
+    file names in folder: an index cannot make us read elsewhere)."""
     from safetensors.torch import load_file
     index = os.path.join(folder, "model.safetensors.index.json")
     if not os.path.exists(index):
-        return load_file(os.path.join(folder, "model.safetensors"))
+        return load_file(file_in(folder, "model.safetensors", folder))
     with open(index) as f:
         shards = sorted(set(json.load(f)["weight_map"].values()))
-    return {name: t for shard in shards for name, t in load_file(os.path.join(folder, shard)).items()}
+    return {name: t for shard in shards for name, t in load_file(file_in(folder, shard, index)).items()}
 
 def load_hf_folder(folder, tokenizer_name=""):
     """The same four from a Llama folder in Hugging Face's format (config.json + safetensors, sharded
@@ -214,7 +219,8 @@ def load_hf_folder(folder, tokenizer_name=""):
     except Exception as e:
         die(f"cannot load {folder} as a Llama (config.json + model.safetensors): {one_line(e)}")
     ours = hf_config.get("tiktoken_spec")  # a transformers re-save keeps it, but not the ranks file beside it
-    if not (isinstance(ours, dict) and os.path.exists(os.path.join(folder, ours.get("ranks_file", "")))):
+    if not (isinstance(ours, dict) and ("ranks_file" not in ours or
+                                        os.path.isfile(os.path.join(folder, str(ours["ranks_file"]))))):
         ours = None
     if tokenizer_name:
         spec = {"kind": "tiktoken", "name": tokenizer_name}
@@ -225,8 +231,9 @@ def load_hf_folder(folder, tokenizer_name=""):
     else:
         die(f"{folder} has no tokenizer (tokenizer.json, or the tiktoken_spec export.py writes); name one, "
             "e.g. --tokenizer r50k_base")
-    try:
-        enc = load_tokenizer(spec, folder)
+    try:  # the ranks inline: the spec then works from any working directory, as checkpoints carry it
+        spec = with_ranks(spec, folder)
+        enc = load_tokenizer(spec)
     except Exception as e:
         die(f"cannot build the tokenizer of {folder} from {json.dumps(spec)[:80]}: {one_line(e)}")
     eot_id = hf_config.get("eos_token_id") if ours and not tokenizer_name else enc.eot_token

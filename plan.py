@@ -15,13 +15,14 @@ uses train.py's FLOP count, which adds attention to 6 N D.
 import math
 from dataclasses import dataclass
 
-from common import check, die, parse_config, parse_flags, run_main, setting, PEAK_FLOPS
+from common import check, die, parse_config, parse_flags, run_main, setting
+from hardware import PEAK_FLOPS
 
 @dataclass
 class PlanConfig:
     flops: float = setting(0.0, "the training budget in FLOPs (or give --gpu-hours)")
     gpu_hours: float = setting(0.0, "the budget in GPU-hours, at --mfu of --gpu's peak")
-    gpu: str = setting("H100", "a GPU of common.PEAK_FLOPS, for --gpu-hours and the time estimate")
+    gpu: str = setting("H100", "a GPU of hardware.PEAK_FLOPS, for --gpu-hours and the time estimate")
     mfu: float = setting(0.4, "the fraction of the GPU's peak bf16 FLOP/s that training reaches")
     tokens_per_param: float = setting(20.0, "D / N; 20 is Chinchilla's compute-optimal ratio")
     vocab_size: int = setting(50304, "the vocabulary (50304: GPT-2's, rounded up to a multiple of 64)")

@@ -124,7 +124,7 @@ def find_files(patterns: list[str]) -> list[str]:
         elif os.path.isdir(pattern):  # a folder: its supported files, at any depth
             new = [str(p) for p in sorted(Path(pattern).rglob("*")) if p.suffix in SUFFIXES and p.is_file()]
         else:
-            new = [p for p in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(p)]
+            new = [p for p in sorted(glob.glob(pattern, recursive=True)) if not os.path.isdir(p)]  # a named pipe too
         if not new or any(Path(urlparse(p).path if "://" in p else p).suffix not in SUFFIXES for p in new):
             die(f"--input {pattern!r} matches no files, or files not ending in {', '.join(SUFFIXES)}")
         files += new
@@ -274,12 +274,13 @@ def play_rows(path: str, stats: dict):
     for i in range(0, len(speeches) - 1, 2):
         yield {"messages": [{"role": "user", "content": speeches[i]},
                             {"role": "assistant", "content": speeches[i + 1]}]}
+    stats["unanswered_speeches"] += len(speeches) % 2  # an odd last speech has no reply: said in a note
 
 def reused_tokenizer(folder: str):
     """(tokenizer spec, its ranks file's text or None) of another prepare.py folder: --tokenizer FOLDER."""
     try:
         spec = json.loads((Path(folder) / "meta.json").read_text())["tokenizer"]
-        ranks = (Path(folder) / spec["ranks_file"]).read_text() if "ranks_file" in spec else None
+        ranks = tokenizer.with_ranks(spec, folder)["ranks"] if "ranks_file" in spec else None
     except (OSError, ValueError, KeyError, TypeError) as e:
         die(f"--tokenizer {folder}: no tokenizer of a folder written by prepare.py there ({one_line(e)})")
     return spec, ranks
@@ -401,7 +402,7 @@ DATASET_FILE = re.compile(r"((train|val)_\d+\.(bin|mask)|meta\.json|tokenizer\.t
 
 def open_output(out: Path, settings: dict, force: bool) -> tuple[Path, Path]:
     """Lock out; check that it may be replaced -> (out with symlinks resolved, a new empty folder beside it)."""
-    final = out.resolve()  # a symlinked data folder is replaced where it lives
+    final = common.own_folder(out, "--out")  # resolved: a symlinked data folder is replaced where it lives
     common.lock(final, "--out")
     names = sorted(p.name for p in final.iterdir()) if final.exists() else []
     strangers = [name for name in names if not DATASET_FILE.fullmatch(name)]
@@ -467,12 +468,8 @@ def prepare(cfg: PrepareConfig, command: str) -> dict:
                 f.write(ranks)
             spec["ranks_file"] = "tokenizer.tiktoken"
         if cfg.vocab_size:
-            t0 = time.time()
-            tokens = tokenizer.train_bpe(bpe_sample(cfg, files), cfg.vocab_size)
-            with common.atomic_write(partial / "tokenizer.tiktoken", "w") as f:
-                f.write(tokenizer.ranks_text(tokens))
-            enc = tokenizer.load_tokenizer(spec, partial)
-            print(f"trained a BPE of {len(tokens)} tokens (+ eot) in {time.time() - t0:.1f}s", file=sys.stderr)
+            spec, enc, vocab_size = train_tokenizer(cfg, files, spec, partial)
+            dtype = cfg.dtype if cfg.dtype != "auto" else "uint16" if vocab_size <= 1 << 16 else "uint32"
         train, val, masks, val_split = write_splits(cfg, enc, files, partial, dtype, stats, source)
         meta = {
             "format": "llama-shards-v1", "tokenizer": spec,
@@ -500,6 +497,24 @@ def prepare(cfg: PrepareConfig, command: str) -> dict:
     print(f"{out}: train {train.tokens():,} tokens in {len(train.shards)} shard(s), val {val.tokens():,} tokens; "
           f"{train.documents:,} + {val.documents:,} document(s){read}; val = {val_split}")
     return meta
+
+def train_tokenizer(cfg: PrepareConfig, files: list[str], spec: dict, folder: Path):
+    """Train the BPE on the start of the corpus and write its ranks into folder -> (spec, encoding,
+    vocab size). A corpus with fewer distinct merges than asked gives a smaller BPE: end-of-text
+    then comes right after its last token, and a note says so (no ids that stand for nothing)."""
+    t0 = time.time()
+    tokens = tokenizer.train_bpe(bpe_sample(cfg, files), cfg.vocab_size)
+    with common.atomic_write(folder / "tokenizer.tiktoken", "w") as f:
+        f.write(tokenizer.ranks_text(tokens))
+    print(f"trained a BPE of {len(tokens)} tokens (+ eot) in {time.time() - t0:.1f}s", file=sys.stderr)
+    if len(tokens) < cfg.vocab_size:
+        print(f"note: the corpus holds only {len(tokens) - 256:,} merges, so the BPE has {len(tokens):,} tokens, "
+              f"not --vocab-size {cfg.vocab_size:,}; end-of-text is id {len(tokens)}", file=sys.stderr)
+    spec = {**spec, "name": f"bpe{len(tokens)}", "special_tokens": {EOT: len(tokens)}}
+    if cfg.chat:
+        spec["special_tokens"] |= chat.chat_tokens(len(tokens) + 1)
+    enc = tokenizer.load_tokenizer(spec, folder)
+    return spec, enc, enc.n_vocab
 
 def write_splits(cfg: PrepareConfig, enc, files: list[str], folder: Path, dtype: str, stats: dict, source: str):
     """Tokenize the corpus into folder's train and val shards (and loss masks), holding out every k-th
@@ -542,6 +557,9 @@ def write_splits(cfg: PrepareConfig, enc, files: list[str], folder: Path, dtype:
 
 def print_notes(cfg: PrepareConfig, stats: dict):
     """What was replaced or skipped on the way, so that nothing is lost without a word."""
+    if stats["unanswered_speeches"]:
+        print(f"note: left out {stats['unanswered_speeches']} last speech(es) of a play: no speech answers them",
+              file=sys.stderr)
     if stats["replaced_bytes"]:
         print(f"note: replaced {stats['replaced_bytes']:,} invalid UTF-8 bytes with U+FFFD", file=sys.stderr)
     if stats["rows_without_text"] or stats["rows_with_empty_text"]:

@@ -16,15 +16,14 @@ the context (the KV cache restarts from the recent half of the text).
 import codecs
 import itertools
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
 
 import chat
 from checkpoint import load_for_inference
-from common import (autocast, check, die, one_line, parse_config, parse_flags, pick_device, pick_dtype, run_main,
-                    setting)
+from common import (autocast, check, die, one_line, parse_config, parse_flags, pick_device, pick_dtype, printable,
+                    run_main, setting)
 from hf import load_hf_folder
 
 @dataclass
@@ -117,12 +116,12 @@ def complete(model, enc, eot_id, prompt, cfg, generator):
         ids = ids[-S:]
     idx = torch.tensor([ids], device=generator.device)                                   # (1, T)
     for _ in range(cfg.num_samples):
-        print(prompt, end="", flush=True)
+        print(printable(prompt), end="", flush=True)
         steps = model.generate_stream(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                                       top_p=cfg.top_p, generator=generator, vocab_size=enc.n_vocab)
         new_ids = itertools.takewhile(lambda t: t != eot_id, (int(t) for t in steps))  # eot ends a sample
         for piece in decode_stream(enc, new_ids):
-            print(piece, end="", flush=True)
+            print(printable(piece), end="", flush=True)
         print("\n" + "-" * 40, flush=True)
 
 def converse(model, enc, cfg, generator):
@@ -134,7 +133,7 @@ def converse(model, enc, cfg, generator):
     S = model.config.max_seq_len
     for text in typed_prompts("a message"):
         if not sys.stdin.isatty():  # a transcript: show what was said
-            print(f"> {text}")
+            print(f"> {printable(text)}")
         messages.append({"role": "user", "content": text})
         ids, _ = chat.render(enc, messages, reply=True)
         while len(ids) > S - min(cfg.max_new_tokens, S // 2) and len(messages) > 1 + bool(cfg.system):
@@ -145,26 +144,21 @@ def converse(model, enc, cfg, generator):
                                       top_p=cfg.top_p, generator=generator, vocab_size=enc.n_vocab)
         reply = []
         for piece in decode_stream(enc, itertools.takewhile(lambda t: t not in stop, (int(t) for t in steps))):
-            print(piece, end="", flush=True)
+            print(printable(piece), end="", flush=True)
             reply.append(piece)
         print(flush=True)
         messages.append({"role": "assistant", "content": "".join(reply)})
 
 def decode_dtype(model, name, device):
-    """The autocast dtype to decode in. auto: common.pick_dtype's, except that on a CPU a one-off
-    probe (8 greedy tokens each way, twice) keeps fp32 when it is faster: decoding one token at a
-    time, casting the weights to bf16 costs more than it saves in small models (0.57x at the demo's
-    d128, 1.1x at d256, 1.6x at d512, measured on a 2-core EPYC)."""
+    """The autocast dtype to decode in. auto: common.pick_dtype's, except that on a CPU a model
+    narrower than 256 decodes in fp32: one token at a time, casting its weights to bf16 costs more
+    than it saves (0.57x fp32's speed at the demo's d128, 1.1x at d256, 1.6x at d512, measured on a
+    2-core EPYC with AVX512-BF16). Chosen by the model's width, never by a timing, so the same
+    command gives the same tokens on every run."""
     dtype = pick_dtype(name, device)
-    if name != "auto" or device.type != "cpu" or dtype == torch.float32:
-        return dtype
-    prompt, seconds = torch.zeros(1, 16, dtype=torch.long, device=device), {}
-    for candidate in [torch.float32, dtype] * 2:
-        t0 = time.perf_counter()
-        with autocast(device, candidate):
-            model.generate(prompt, 8, temperature=0)
-        seconds[candidate] = time.perf_counter() - t0  # the second round's: warm
-    return min(seconds, key=seconds.get)
+    if name == "auto" and device.type == "cpu" and model.config.n_embd < 256:
+        return torch.float32
+    return dtype
 
 def main(argv):
     given = parse_flags(argv, [SampleConfig], __doc__)

@@ -5,15 +5,18 @@ the KV cache, naive sampling, hand counts. Tiny models on the CPU; no subprocess
     python -m pytest -q test_model.py
 """
 import math
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import full_logits, random_model, tiny_config
-from hf import from_hf, to_hf
-from model import KVCache, Transformer, apply_rope, rope_tables, sample_next
+sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))  # the tests' shared helpers: tests/conftest.py
+from conftest import full_logits, random_model, tiny_config  # noqa: E402
+from hf import from_hf, to_hf  # noqa: E402
+from model import KVCache, Transformer, apply_rope, rope_tables, sample_next  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # model.py

@@ -15,12 +15,11 @@ import collections
 import hashlib
 import heapq
 import json
-import os
 import time
 
 import tiktoken
 
-from common import end_progress, progress
+from common import end_progress, file_in, progress
 
 # GPT-2's pre-tokenizer: contractions, letter runs, digit runs and punctuation runs (each taking one
 # leading space), then whitespace. BPE never merges across these pieces. prepare.py's BPE uses it, and
@@ -36,11 +35,21 @@ def load_tokenizer(spec, folder=None):
             return enc
         return tiktoken.Encoding(spec["name"] + "-chat", pat_str=enc._pat_str,
                                  mergeable_ranks=enc._mergeable_ranks, special_tokens={**enc._special_tokens, **extra})
-    text = spec["ranks"] if "ranks" in spec else open(os.path.join(folder or ".", spec["ranks_file"])).read()
+    text = spec["ranks"] if "ranks" in spec else with_ranks(spec, folder)["ranks"]
     ranks = {base64.b64decode(token): int(rank)
              for token, rank in (line.split() for line in text.splitlines())}
     return tiktoken.Encoding(spec["name"], pat_str=spec["pat_str"], mergeable_ranks=ranks,
                              special_tokens=spec["special_tokens"])
+
+def with_ranks(spec, folder):
+    """spec with its ranks file's text inline (as checkpoints carry it): then it no longer depends on
+    the folder, or on the working directory, wherever it goes. The file's name must be a plain one."""
+    if "ranks_file" not in spec:
+        return spec
+    if folder is None:
+        raise ValueError(f"the spec names the file {spec['ranks_file']!r} but not the folder it is in")
+    with open(file_in(folder, spec["ranks_file"], "the tokenizer spec"), encoding="utf-8") as f:
+        return {**{k: v for k, v in spec.items() if k != "ranks_file"}, "ranks": f.read()}
 
 def ranks_text(tokens):
     """tiktoken's ranks-file format: one "base64(token) rank" line per token, tokens in rank order."""

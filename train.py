@@ -38,10 +38,11 @@ import torch.distributed as dist
 import hellaswag
 from checkpoint import check_resume, hf_as_checkpoint, load_checkpoint, load_pretrained, model_from_checkpoint, \
     restore, save
-from common import (autocast, check, die, flag, gpu_peak_flops, lock, matmul_flops, parse_config, parse_flags,
-                    pick_device, pick_dtype, run_main, setting)
+from common import (autocast, check, die, flag, lock, parse_config, parse_flags, pick_device, pick_dtype,
+                    run_main, setting)
 from data import Mixture, data_sources, load_data, tokenizer_of
 from evaluate import evaluate_only, evaluate_val, sample_text
+from hardware import gpu_peak_flops, matmul_flops
 from model import LOSS_CHUNK, ModelConfig, Transformer
 from muon import Muon
 from presets import HELP as PRESETS_HELP, PRESETS
@@ -110,7 +111,7 @@ class TrainConfig:
     dry_run: bool = setting(False, "print the plans (model, batches, FLOPs, memory per GPU) and exit; needs no "
                             "data or GPU")
     gpus: int = setting(0, "--dry-run: plan for this many processes; 0 = this launch's")
-    peak_flops: float = setting(0.0, "per-device peak FLOP/s for MFU; 0 = the GPU's from common.PEAK_FLOPS")
+    peak_flops: float = setting(0.0, "per-device peak FLOP/s for MFU; 0 = the GPU's from hardware.PEAK_FLOPS")
 
     def __post_init__(self):
         check(not self.preset or self.preset in PRESETS,
@@ -306,9 +307,9 @@ def resolve_settings(given):
         if settings.get("init_from") and settings.get("init_from_hf"):
             die("give --init-from or --init-from-hf, not both")
         init = load_checkpoint(source) if settings.get("init_from") else hf_as_checkpoint(source)
-        # fine-tuning keeps the model; only dropout may change, and the vocabulary grow (new tokens)
-        changed = [k for k, v in init["model_config"].items()
-                   if k in given and given[k] != v and k not in ("dropout", "vocab_size")]
+        # fine-tuning keeps the model; only dropout may change (the vocabulary grows by itself for the
+        # data's new tokens)
+        changed = [k for k, v in init["model_config"].items() if k in given and given[k] != v and k != "dropout"]
         if changed:
             die(f"cannot change {', '.join(flag(k) for k in changed)} of {source}; drop them")
         settings = {**settings, **init["model_config"], **given}

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent  # the repository: the scripts and
 sys.path.insert(0, str(ROOT))
 # Tiny Shakespeare and GPT-2's BPE ranks: from ../shared beside the repository where it exists (CI,
 # offline machines), else downloaded once (to data/downloads/, and tiktoken's own cache).
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("LLAMA_TEST_SHARED", ROOT.parent / "shared"))  # (a test points it elsewhere)
 if (SHARED / "tiktoken_cache").is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
 torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation
@@ -32,10 +32,21 @@ from common import download  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
-if not SHAKESPEARE.exists():
-    SHAKESPEARE = Path(download("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/"
-                                "input.txt", str(ROOT / "data" / "downloads" / "tinyshakespeare.txt"),
-                                "the tests need Tiny Shakespeare: put it at ../shared/data/tinyshakespeare.txt"))
+if not SHAKESPEARE.exists():  # fetched by the corpus fixture, for the tests that need it
+    SHAKESPEARE = ROOT / "data" / "downloads" / "tinyshakespeare.txt"
+
+@pytest.fixture(scope="session")
+def corpus():
+    """Tiny Shakespeare at SHAKESPEARE, for the tests that read it (they ask for this fixture): from
+    ../shared, else downloaded once. Without both, those tests are skipped, saying why; the others,
+    the model's numeric tests among them, need no corpus."""
+    if not SHAKESPEARE.exists():
+        try:
+            download("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+                     str(SHAKESPEARE), "put it at ../shared/data/tinyshakespeare.txt")
+        except SystemExit:
+            pytest.skip("needs Tiny Shakespeare: put it at ../shared/data/tinyshakespeare.txt, or go online")
+    return SHAKESPEARE
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: starts scripts in subprocesses (deselect with -m 'not slow')")
@@ -131,7 +142,7 @@ def assert_user_error(result, *fragments):
         assert str(fragment) in lines[0], lines[0]
 
 @pytest.fixture(scope="session")
-def byte_data(tmp_path_factory):
+def byte_data(corpus, tmp_path_factory):
     """Tiny Shakespeare as a byte-level corpus (vocab 256 + end-of-text), written by prepare.py."""
     out = tmp_path_factory.mktemp("data") / "shakespeare_bytes"
     result = python("prepare.py", "--input", SHAKESPEARE, "--vocab-size", 256, "--out", out)

@@ -10,11 +10,13 @@ import json
 import pytest
 import tiktoken
 
-from common import cpu_has_bf16
+from hardware import cpu_has_bf16
 from conftest import SHAKESPEARE, assert_user_error, python
 
 TINY = ["--n-layer=1", "--n-embd=32", "--n-head=2", "--n-kv-head=1", "--vocab-size=256", "--batch-size=2",
         "--seq-len=16", "--steps=1", "--repeats=1", "--decode-new-tokens=8"]
+
+pytestmark = pytest.mark.usefixtures("corpus")  # these tests read Tiny Shakespeare
 
 def bench(*args, **kwargs):
     result = python("bench.py", *TINY, *args, **kwargs)

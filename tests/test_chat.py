@@ -85,10 +85,22 @@ def test_bad_conversations_are_one_line_errors_and_write_nothing(tmp_path, capsy
     assert fragment in err and "talk.jsonl row 3" in err, err
     assert not (tmp_path / "out").exists()
 
-def test_alpaca_rows_become_a_user_and_an_assistant_turn():
+def test_alpaca_rows_become_a_user_and_an_assistant_turn(capsys):
     row = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
     assert chat.conversation(row, "x") == [{"role": "user", "content": "Add the numbers.\n\n2 and 3"},
                                            {"role": "assistant", "content": "5"}]
+    # an input that is not text is refused, not turned into text
+    with pytest.raises(SystemExit):
+        chat.conversation({**row, "input": 23}, "talk.jsonl row 7")
+    assert 'talk.jsonl row 7: "input" is 23 (int), not text' in capsys.readouterr().err
+
+def test_a_play_with_an_odd_last_speech_says_it_is_left_out(tmp_path, capsys):
+    play = tmp_path / "play.txt"
+    play.write_text("A:\nHail.\n\nB:\nWell met.\n\nA:\nFarewell, unanswered.\n")
+    prepare.main(["--input", str(play), "--chat", "--out", str(tmp_path / "out"), "--num-proc", "1",
+                  "--val-fraction", "0"])
+    assert "left out 1 last speech(es) of a play" in capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["documents"]["train"] == 1
 
 # --- Conversations as training data --------------------------------------------------------------
 @pytest.fixture(scope="module")
@@ -165,8 +177,24 @@ def test_init_from_refuses_a_missing_or_mismatched_checkpoint(chat_data, tmp_pat
     assert "not found" in refused(capsys, train_py.main, *args, f"--init-from={tmp_path / 'none.pt'}")
     r50k = write_checkpoint(tmp_path / "r50k.pt", R50K, R50K_EOT)
     assert "cannot change --n-layer" in refused(capsys, train_py.main, *args, f"--init-from={r50k}", "--n-layer=3")
+    # the vocabulary is the checkpoint's (grown for the data's new tokens), never a flag silently replaced
+    assert "cannot change --vocab-size" in refused(capsys, train_py.main, *args, f"--init-from={r50k}",
+                                                   "--vocab-size=60000")
     small = write_checkpoint(tmp_path / "small.pt", SMALL_BPE, SMALL_BPE["special_tokens"]["<|endoftext|>"])
     assert "another tokenizer" in refused(capsys, train_py.main, *args, f"--init-from={small}")
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+def test_a_validation_set_without_replies_is_refused_at_the_start(tmp_path, capsys):
+    # long questions and "ok": the fixed validation windows hold questions only. The masked loss
+    # would be 0 / 0 there: a plain error that says what to change, before any training
+    rows = [{"messages": [{"role": "user", "content": " ".join(["why"] * 300)},
+                          {"role": "assistant", "content": "ok"}]} for _ in range(60)]
+    out = tmp_path / "data"
+    prepare.main(["--input", str(write_jsonl(tmp_path / "talk.jsonl", rows)), "--chat", "--out", str(out),
+                  "--num-proc", "1", "--val-fraction", "0.1"])
+    err = refused(capsys, train_py.main, f"--data={out}", f"--out-dir={tmp_path / 'run'}", *TINY_RUN,
+                  "--max-iters=5")
+    assert "holds no token to learn" in err and "--eval-batches" in err and "--val-fraction" in err, err
     assert not (tmp_path / "run" / "ckpt.pt").exists()
 
 def test_chat_needs_a_chat_model(tmp_path, capsys):

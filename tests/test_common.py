@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import pytest
 
 import common
-import tokenizer
+import hardware
 import hf
+import tokenizer
 from common import setting
 from conftest import R50K, ROOT, SMALL_BPE
 
@@ -74,19 +75,39 @@ def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, capsys):
 def test_a_locked_folder_names_its_holder_and_frees_itself_at_exit(tmp_path):
     code = ("import sys, time, common; common.lock(sys.argv[1], '--out'); print('locked', flush=True); "
             "time.sleep(float(sys.argv[2]))")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "out"), "30"], cwd=ROOT,
+    (tmp_path / "out").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "out")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "out"), "60"], cwd=ROOT,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
-        second = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out"), "0"], cwd=ROOT,
-                                capture_output=True, text=True)
-        assert second.returncode == 2 and f"is in use by another run (pid {holder.pid})" in second.stderr
+        for name in ("out", "link"):  # the same folder under another name shares the lock
+            second = subprocess.run([sys.executable, "-c", code, str(tmp_path / name), "0"], cwd=ROOT,
+                                    capture_output=True, text=True)
+            assert second.returncode == 2 and f"is in use by another run (pid {holder.pid})" in second.stderr
+        assert (tmp_path / ".out.lock").exists()  # a refused run leaves the holder's lock alone
     finally:
         holder.kill()
         holder.wait()
-    after = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out"), "0"], cwd=ROOT,
+    after = subprocess.run([sys.executable, "-c", code, str(tmp_path / "link"), "0"], cwd=ROOT,
                            capture_output=True, text=True)
     assert after.returncode == 0, after.stderr  # a killed holder leaves no stale lock
+    assert sorted(os.listdir(tmp_path)) == ["link", "out"]  # and a run that ends leaves no lock file
+    root = subprocess.run([sys.executable, "-c", code, "/", "0"], cwd=ROOT, capture_output=True, text=True)
+    assert root.returncode == 2 and "is the root folder" in root.stderr
+
+def test_file_names_read_from_files_stay_in_their_folder(tmp_path, capsys):
+    (tmp_path / "shard.bin").write_bytes(b"")
+    (tmp_path / "link.bin").symlink_to(tmp_path / "shard.bin")
+    assert common.file_in(str(tmp_path), "shard.bin", "meta.json") == str(tmp_path / "shard.bin")
+    for name, says in [("../etc/hostname", "not a plain file name"), ("a/b", "not a plain file name"),
+                       ("..", "not a plain file name"), (7, "not a plain file name"), ("link.bin", "symbolic link")]:
+        with pytest.raises(SystemExit):
+            common.file_in(str(tmp_path), name, "meta.json")
+        assert says in capsys.readouterr().err, name
+
+def test_printable_escapes_what_a_terminal_would_obey():
+    assert common.printable("a\x1b[31mred\r\n\tb\x07é") == "a\\x1b[31mred\\x0d\n\tb\\x07é"
 
 def test_swap_in_replaces_a_folder_whole(tmp_path):
     old, new = tmp_path / "data", tmp_path / ".data.partial"
@@ -139,26 +160,26 @@ def test_the_dtype_is_chosen_by_what_the_hardware_does(monkeypatch):
     cpu = torch.device("cpu")
     assert common.pick_dtype("float16", cpu) == torch.float16
     for has_bf16, expected in [(True, torch.bfloat16), (False, torch.float32)]:
-        monkeypatch.setattr(common, "cpu_has_bf16", lambda: has_bf16)
+        monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: has_bf16)
         assert common.pick_dtype("auto", cpu) == expected
     assert common.pick_dtype("auto", torch.device("mps")) == torch.float32
 
 @pytest.mark.parametrize("digits", [False, True], ids=["gpt2-style", "smollm-style-digits"])
-def test_a_byte_level_bpe_tokenizer_json_becomes_the_same_tiktoken_ids(tmp_path, digits):
+def test_a_byte_level_bpe_tokenizer_json_becomes_the_same_tiktoken_ids(tmp_path, digits, corpus):
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers import decoders, models, pre_tokenizers, trainers
-    from conftest import SHAKESPEARE
+
     tok = tokenizers.Tokenizer(models.BPE())
     steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
     tok.pre_tokenizer = pre_tokenizers.Sequence(steps + [pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([SHAKESPEARE.read_text()[:200_000], "2026 1,234.56 12345"], trainer)
+    tok.train_from_iterator([corpus.read_text()[:200_000], "2026 1,234.56 12345"], trainer)
     tok.save(str(tmp_path / "tokenizer.json"))
     spec = hf.tokenizer_from_hf(tmp_path)
     enc = tokenizer.load_tokenizer(spec)
-    text = SHAKESPEARE.read_text()[-5000:] + " 31 Dec 1999: $12.50, 日本 🦙"
+    text = corpus.read_text()[-5000:] + " 31 Dec 1999: $12.50, 日本 🦙"
     assert enc.encode_ordinary(text) == tok.encode(text).ids
     assert enc.eot_token == 0 and spec["special_tokens"] == {"<|endoftext|>": 0, "<|im_start|>": 1}
     # a tokenizer of another kind is refused in one line

@@ -10,13 +10,15 @@ import os
 import pytest
 import torch
 
+import checkpoint
+import common
 import export
 import sample
 from checkpoint import load_for_inference
 from tokenizer import load_tokenizer
 import tokenizer
 import hf
-from conftest import (R50K, R50K_EOT, SHAKESPEARE, SMALL_BPE, SMALL_EOT, assert_user_error, python,
+from conftest import (R50K, R50K_EOT, SMALL_BPE, SMALL_EOT, assert_user_error, python,
                       write_checkpoint)
 
 UNICODE = ("héllo wörld — “quoted” naïve café 日本語のテキスト 🦙🦙 👍🏽 👨‍👩‍👧 Ω≈ç√ ﬁ\n\n\n"
@@ -51,13 +53,13 @@ def test_export_generates_like_transformers(tmp_path, capsys, tie):
         assert ours.size(1) > prompt.size(1) + 5 and torch.equal(theirs, ours)
 
 @pytest.mark.parametrize("spec", [R50K, SMALL_BPE], ids=["r50k_base", "small-bpe"])
-def test_exported_tokenizer_encodes_like_tiktoken(tmp_path, capsys, spec):
+def test_exported_tokenizer_encodes_like_tiktoken(tmp_path, capsys, spec, corpus):
     transformers = pytest.importorskip("transformers")
     eot = R50K_EOT if spec is R50K else SMALL_EOT
     export_main("--ckpt", write_checkpoint(tmp_path / "ckpt.pt", spec, eot), "--out", tmp_path / "hf")
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     enc = load_tokenizer(spec)
-    shakespeare = SHAKESPEARE.read_text(encoding="utf-8")[:20_000]
+    shakespeare = corpus.read_text(encoding="utf-8")[:20_000]
     for text in [shakespeare, UNICODE, "  leading spaces", "x" + "<|endoftext|>" + "y"]:
         ids = enc.encode(text, allowed_special="all")
         assert tok.encode(text) == ids, text[:40]
@@ -84,6 +86,17 @@ def test_hf_dir_samples_like_the_checkpoint(tmp_path, capsys):
     # ... or read from its tokenizer.json, as for folders from elsewhere (and re-saved exports)
     if (tmp_path / "r50k" / "tokenizer.json").exists():
         assert run_main(capsys, "--hf-dir", tmp_path / "r50k", *greedy).out == r50k_expected
+
+def test_an_exported_folder_starts_a_fine_tune_from_any_working_directory(tmp_path, monkeypatch):
+    # its BPE ranks sit beside config.json: read against the folder, and carried inline from there on
+    folder = tmp_path / "hf"
+    export_main("--ckpt", write_checkpoint(tmp_path / "small.pt", SMALL_BPE, SMALL_EOT), "--out", folder)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    init = checkpoint.hf_as_checkpoint(str(folder))
+    assert "ranks_file" not in init["tokenizer"] and init["tokenizer"]["ranks"] == SMALL_BPE["ranks"]
+    enc = checkpoint.tokenizer_from_checkpoint(init, str(folder), init["model_config"]["vocab_size"])
+    assert enc.encode_ordinary("the hell") == load_tokenizer(SMALL_BPE).encode_ordinary("the hell")
 
 def folder_bytes(folder):
     return {p.name: p.read_bytes() for p in folder.iterdir()}
@@ -119,6 +132,21 @@ def test_an_export_never_half_replaces_a_folder(tmp_path, capsys, monkeypatch):
     export_main("--ckpt", second, "--force")  # replaced, whole
     new = folder_bytes(folder)
     assert new.keys() == old.keys() and new["model.safetensors"] != old["model.safetensors"]
+    common.release_locks()  # what the process does at exit: then no lock file or partial folder is left
+    assert sorted(os.listdir(tmp_path / "hf")) == ["run"]
+
+    # --force replaces an earlier export, never a folder with other files: a run, a user's notes
+    run_files = folder_bytes(run)
+    assert "holds a.pt, which export.py does not write" in refused("--ckpt", second, "--out", run, "--force")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("mine")
+    assert "holds notes.txt" in refused("--ckpt", second, "--out", tmp_path / "notes", "--force")
+    assert folder_bytes(run) == run_files and (tmp_path / "notes" / "notes.txt").read_text() == "mine"
+    # the current folder, or one that holds it, is never swapped away; nor is a file not a .gguf
+    assert "is the current folder or holds it" in refused("--ckpt", second, "--out", ".", "--force")
+    assert "is the current folder or holds it" in refused("--ckpt", second, "--out", "..", "--force")
+    assert "is not a .gguf file" in refused("--ckpt", second, "--gguf=f32", "--out", run / "a.pt", "--force")
+    assert folder_bytes(run) == run_files
 
 @pytest.mark.slow
 def test_help_and_a_bad_checkpoint_from_the_command_line(tmp_path):
@@ -221,6 +249,38 @@ def test_gguf_holds_our_weights_and_tokenizer(tmp_path, capsys, spec):
     assert np.array_equal(tensors["blk.1.attn_q.weight"], interleaved)
     assert np.array_equal(tensors["blk.0.ffn_down.weight"], state["layers.0.mlp.down_proj.weight"].numpy())
     assert ("output.weight" in tensors) == (not mc.tie_embeddings)
+
+def test_a_chat_gguf_gives_llama_cpp_the_ids_the_model_was_trained_on(tmp_path, capsys):
+    # llama.cpp renders a conversation with its built-in ChatML (llama-cli -cnv, llama-server) or with
+    # the GGUF's jinja template (--jinja), then tokenizes it adding BOS when the GGUF says add_bos. Both
+    # must give chat.render's ids, which start with end-of-text, as every training conversation does.
+    gguf = pytest.importorskip("gguf")
+    jinja2 = pytest.importorskip("jinja2")
+    import chat
+    specials = {**SMALL_BPE["special_tokens"], **chat.chat_tokens(SMALL_EOT + 1)}
+    bpe = {**SMALL_BPE, "pat_str": tokenizer.GPT2_PAT, "special_tokens": specials}
+    ckpt = write_checkpoint(tmp_path / "chat.pt", bpe, SMALL_EOT, vocab_size=SMALL_EOT + 64)
+    export_main("--ckpt", ckpt, "--gguf", "f32", "--out", tmp_path / "chat.gguf")
+    assert "llama-cli -m" in capsys.readouterr().out  # how to chat with it
+    _, enc, eot, _ = load_for_inference(ckpt)
+    fields = gguf.GGUFReader(tmp_path / "chat.gguf").fields
+
+    def value(key):
+        f = fields[key]
+        return bytes(f.parts[f.data[0]]).decode() if f.types[0] == gguf.GGUFValueType.STRING else f.parts[f.data[0]][0]
+    assert value("tokenizer.ggml.add_bos_token") and value("tokenizer.ggml.bos_token_id") == eot
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the hell, you say"},
+                {"role": "assistant", "content": "ell and the"}, {"role": "user", "content": "and you?"}]
+    want = chat.render(enc, messages, reply=True)[0]
+    chatml = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    chatml += "<|im_start|>assistant\n"
+    jinja = jinja2.Template(value("tokenizer.chat_template")).render(messages=messages, add_generation_prompt=True)
+    for text in (chatml, jinja):
+        assert [eot] + enc.encode(text, allowed_special="all") == want
+    # a base model's prompts are continued as given, as sample.py does: no BOS added
+    export_main("--ckpt", write_checkpoint(tmp_path / "base.pt", {**SMALL_BPE, "pat_str": tokenizer.GPT2_PAT},
+                                           SMALL_EOT), "--gguf", "f32", "--out", tmp_path / "base.gguf")
+    assert not gguf.GGUFReader(tmp_path / "base.gguf").fields["tokenizer.ggml.add_bos_token"].parts[-1][0]
 
 def test_gguf_refuses_a_tokenizer_llama_cpp_cannot_split(tmp_path):
     pytest.importorskip("gguf")

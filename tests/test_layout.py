@@ -4,8 +4,11 @@ file and per function, train.py in run order, no script importing a script, no i
 """
 import ast
 import re
+import sys
 
-from conftest import ROOT
+import pytest
+
+from conftest import ROOT, run
 
 BUDGETS = {"train.py": 600, "model.py": 390, "common.py": 350, "README.md": 300}
 MODULES = sorted(p for p in ROOT.glob("*.py") if not p.name.startswith("test_"))
@@ -66,3 +69,16 @@ def test_no_script_imports_a_script_and_no_import_circles():
             visit(dep, path + [name])
     for name in graph:
         visit(name, [])
+
+@pytest.mark.slow
+def test_the_model_tests_need_no_corpus_and_no_network(tmp_path):
+    # no ../shared and no way out: the model's numeric tests still run, and pass
+    offline = {"LLAMA_TEST_SHARED": str(tmp_path / "nothing"), "HTTPS_PROXY": "http://127.0.0.1:9",
+               "HTTP_PROXY": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "1"}
+    result = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_model.py"], env=offline)
+    assert result.returncode == 0 and " passed" in result.stdout and "skipped" not in result.stdout, result.stdout
+
+def test_what_the_scripts_write_by_default_is_ignored_by_git():
+    ignored = set((ROOT / ".gitignore").read_text().split())
+    # prepare.py -> data/, train.py -> out/, export.py -> hf/ and gguf/, runs.py -> runs.png
+    assert {"data/", "out/", "hf/", "gguf/", "runs.png"} <= ignored

@@ -29,6 +29,8 @@ from conftest import ROOT, SHAKESPEARE, assert_user_error, python
 
 R50K = tiktoken.get_encoding("r50k_base")
 
+pytestmark = pytest.mark.usefixtures("corpus")  # these tests read Tiny Shakespeare
+
 def prepare_cli(tmp_path, *args, expect=0, **kwargs):
     """python prepare.py ARGS from tmp_path (so data/ is there), as a user would; datasets stays offline."""
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf_cache")}
@@ -268,6 +270,17 @@ def test_bpe_cli_and_meta_record_the_trained_tokenizer(tmp_path):
     stream = np.concatenate([splits["train"], splits["val"]])
     assert stream[0] == 300 and enc.decode(stream[1:].tolist()) == corpus.read_text()
 
+def test_a_corpus_with_fewer_merges_than_asked_gives_a_smaller_bpe_and_says_so(tmp_path, capsys):
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text("the cat sat on the mat. " * 40)
+    meta, _, err = prepare_here(capsys, "--input", corpus, "--out", tmp_path / "out", "--vocab-size", 70000,
+                                "--num-proc", 1)
+    enc = tokenizer.load_tokenizer(meta["tokenizer"], tmp_path / "out")
+    learned = enc.n_vocab - 1  # end-of-text comes right after the last token learned: no ids for nothing
+    assert learned < 300 and meta["eot_id"] == learned and meta["vocab_size"] == learned + 1
+    assert meta["tokenizer"]["name"] == f"bpe{learned}" and meta["dtype"] == "uint16"
+    assert f"the BPE has {learned} tokens, not --vocab-size 70,000" in err
+
 # --- Other sources: jsonl, json, parquet, folders -------------------------------------------------
 ROWS = [f"Document {i}: " + ("naïve text 😀 " * (i % 5)) + "end." for i in range(30)]
 
@@ -419,6 +432,12 @@ def test_bad_settings_are_one_line_errors(tmp_path, capsys, args, fragment):
     assert fragment in user_error(capsys, "--input", SHAKESPEARE, *args, "--out", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []  # refused before touching anything
 
+def test_the_current_folder_the_root_and_their_kin_are_never_an_output(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for out in (".", "/", ".."):  # swapped away whole they would pull the floor; and no lock beside them
+        assert "is the current folder or holds it" in user_error(capsys, "--input", SHAKESPEARE, "--out", out)
+    assert list(tmp_path.iterdir()) == [] and not os.path.exists("/..lock")
+
 @pytest.mark.slow
 def test_help_lists_every_setting_and_the_presets():
     result = python("prepare.py", "--help", env={"COLUMNS": "250"})
@@ -516,45 +535,64 @@ def big_corpus(tmp_path):
     path.write_text(SHAKESPEARE.read_text() * 8)
     return path
 
+@pytest.fixture
+def gate(tmp_path):
+    """A named pipe to give last to --input: prepare.py reads what comes before it, then waits at it
+    until the test opens it (open_gate). What the test does meanwhile happens mid-run, for certain."""
+    path = tmp_path / "gate.txt"
+    os.mkfifo(path)
+    return path
+
+def open_gate(path, proc):
+    """Let proc go on past the gate, an empty last file, once it reads there (it may still be busy before)."""
+    def opened():
+        assert proc.poll() is None, "the run ended before it reached the gate"
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))  # fails while no one reads the pipe
+        except OSError:
+            return False
+        return True
+    wait_for(opened, timeout=300)
+
 @pytest.mark.slow
-def test_a_second_run_into_the_same_folder_is_refused(tmp_path, big_corpus):
+def test_a_second_run_into_the_same_folder_is_refused(tmp_path, big_corpus, gate):
     out, partial = tmp_path / "out", tmp_path / ".out.partial"
-    first = start(tmp_path, "--input", big_corpus, "--out", out, "--num-proc", 1, "--chunk-chars", 10_000)
-    wait_for(partial.exists)  # the first run holds the lock and is building
-    os.kill(first.pid, signal.SIGSTOP)  # and stays there while the second one tries
+    first = start(tmp_path, "--input", big_corpus, gate, "--out", out, "--num-proc", 1, "--chunk-chars", 10_000)
     try:
-        assert first.poll() is None
+        wait_for(partial.exists)  # the first run holds the lock and builds; it cannot end before the gate opens
         second = prepare_cli(tmp_path, "--input", SHAKESPEARE, "--out", out, expect=2)
         assert_user_error(second, f"{out.resolve()} is in use by another run (pid {first.pid})")
         assert partial.exists() and not out.exists()  # the first run's work is untouched
+        open_gate(gate, first)
+        stdout, stderr = first.communicate(timeout=300)
     finally:
-        os.kill(first.pid, signal.SIGCONT)
-    stdout, stderr = first.communicate(timeout=120)
+        os.killpg(first.pid, signal.SIGKILL) if first.poll() is None else None
     assert first.returncode == 0, stderr
     meta, splits = load(out)
     assert R50K.decode(np.concatenate([splits["train"], splits["val"]])[1:].tolist()) == big_corpus.read_text()
 
 @pytest.mark.slow
-def test_a_killed_replacement_leaves_the_old_or_the_new_dataset(tmp_path):
+def test_a_killed_replacement_leaves_the_old_or_the_new_dataset(tmp_path, gate):
     out, partial = tmp_path / "out", tmp_path / ".out.partial"
-    # ~7k documents in 68 shards, so a kill can land in reading, tokenizing, writing or swapping
+    # ~7k documents in 68 shards: kills land while reading, tokenizing, writing or swapping
     args = ["--input", SHAKESPEARE, "--out", out, "--separator", r"\n\n", "--chunk-chars", 2000,
             "--shard-tokens", 5000, "--num-proc", 1, "--force"]
-    t0 = time.time()
     prepare_cli(tmp_path, *args, "--val-fraction", 0.05)
-    duration = time.time() - t0
-    rng, killed_while_building = random.Random(4), 0
-    for i in range(6):
+    first_meta = (out / "meta.json").stat().st_mtime_ns
+    moments = [partial.exists, lambda: (partial / "train_0003.bin").exists(),
+               lambda: (partial / "meta.json").exists(),
+               lambda: (out / "meta.json").exists() and (out / "meta.json").stat().st_mtime_ns != first_meta]
+    for i, moment in enumerate(moments + ["at the gate"]):
         before = load(out)[0]["config"]["val_fraction"]
-        started = time.time()
-        proc = start(tmp_path, *args, "--val-fraction", 0.1 if before == 0.05 else 0.05)
-        time.sleep(rng.uniform(0.3, 1.0) * duration)
-        os.killpg(proc.pid, signal.SIGKILL)
+        at_gate = moment == "at the gate"  # a kill that surely lands while the new dataset is built
+        proc = start(tmp_path, *args[:2], *([gate] if at_gate else []), *args[2:],
+                     "--val-fraction", 0.1 if before == 0.05 else 0.05)
+        wait_for(lambda: (partial / "val_0000.bin").exists() if at_gate else moment() or proc.poll() is not None)
+        os.killpg(proc.pid, signal.SIGKILL)  # the moment is seen: kill at once, whatever the run does next
         proc.communicate()
-        killed_while_building += partial.exists() and partial.stat().st_mtime >= started  # this run's
         meta, _ = load(out)  # complete: every shard meta.json names, of its length, and no other file
-        assert meta["config"]["val_fraction"] in (0.05, 0.1)
-    assert killed_while_building >= 2  # the kills did land while a new dataset was being built
+        assert meta["config"]["val_fraction"] in (0.05, 0.1), i
+        assert not at_gate or meta["config"]["val_fraction"] == before  # killed mid-build: the old one stands
     prepare_cli(tmp_path, *args, "--val-fraction", 0.2)  # the next run clears what the killed ones left
     meta, splits = load(out)
     assert meta["config"]["val_fraction"] == 0.2 and leftovers(tmp_path) == []
@@ -577,16 +615,16 @@ def test_a_failing_write_keeps_the_old_dataset(tmp_path):
     load(out)
 
 @pytest.mark.slow
-def test_ctrl_c_is_one_line_and_keeps_the_old_dataset(tmp_path, big_corpus):
+def test_ctrl_c_is_one_line_and_keeps_the_old_dataset(tmp_path, big_corpus, gate):
     out, partial = tmp_path / "out", tmp_path / ".out.partial"
     (tmp_path / "small.txt").write_text("To be, or not to be.")
     prepare_cli(tmp_path, "--input", tmp_path / "small.txt", "--out", out)
     old = {p.name: p.read_bytes() for p in out.iterdir()}
-    proc = start(tmp_path, "--input", big_corpus, "--out", out, "--force", "--num-proc", 2,
+    proc = start(tmp_path, "--input", big_corpus, gate, "--out", out, "--force", "--num-proc", 2,
                  "--chunk-chars", 20_000)
     wait_for(lambda: (partial / "train_0000.bin").exists())  # tokenizing, with two worker processes
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
-    stdout, stderr = proc.communicate(timeout=60)
+    stdout, stderr = proc.communicate(timeout=60)  # (the run could not end by itself: it waits at the gate)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1] == "interrupted", stderr  # on a line of its own
     assert {p.name: p.read_bytes() for p in out.iterdir()} == old and leftovers(tmp_path) == []

@@ -5,14 +5,17 @@ sample.py: generation against reference decoding, the streaming output, prompts 
 """
 import json
 import os
+import pickle
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
 import sample
 from checkpoint import load_for_inference
+from model import Transformer
 from tokenizer import load_tokenizer
 from conftest import (R50K, R50K_EOT, ROOT, SMALL_BPE, SMALL_EOT, full_forward_greedy, full_logits, python,
                       write_checkpoint)
@@ -167,7 +170,9 @@ def test_interactive_prompts_in_a_terminal_and_from_a_pipe(r50k_ckpt):
 P = ["--prompt", "hi"]
 ERRORS = {  # name: (arguments, with {d} for the folder of files bad_files writes; part of the message)
     "missing": (["--ckpt", "{d}/nope.pt", *P], "checkpoint {d}/nope.pt not found"),
-    "truncated": (["--ckpt", "{d}/truncated.pt", *P], "is the file complete?"),
+    "truncated": (["--ckpt", "{d}/truncated.pt", *P], "a damaged file, or not one train.py wrote"),
+    # a plain pickle, even one that would call code: refused in one line, without torch's warnings first
+    "raw-pickle": (["--ckpt", "{d}/raw.pt", *P], "cannot read checkpoint {d}/raw.pt (UnpicklingError)"),
     "version": (["--ckpt", "{d}/v2.pt", *P], "not a version-1 checkpoint of this repo (version=2"),
     "missing-keys": (["--ckpt", "{d}/no_tokenizer.pt", *P], "missing keys: ['tokenizer']"),
     "bad-spec": (["--ckpt", "{d}/bad_spec.pt", *P], "cannot build the tokenizer of {d}/bad_spec.pt"),
@@ -197,6 +202,7 @@ def bad_files(tmp_path_factory):
     good = write_checkpoint(d / "good.pt", SMALL_BPE, SMALL_EOT)
     data = open(good, "rb").read()
     (d / "truncated.pt").write_bytes(data[:len(data) // 2])
+    (d / "raw.pt").write_bytes(pickle.dumps({"model": os.system}, protocol=4))
     ckpt = torch.load(good, weights_only=True)
     torch.save({**ckpt, "version": 2}, d / "v2.pt")
     torch.save({k: v for k, v in ckpt.items() if k != "tokenizer"}, d / "no_tokenizer.pt")
@@ -216,10 +222,12 @@ def bad_files(tmp_path_factory):
 @pytest.mark.parametrize("name", ERRORS)
 def test_bad_input_is_one_line(bad_files, capsys, name):
     args, expected = ERRORS[name]
-    with pytest.raises(SystemExit) as exit:
+    with pytest.raises(SystemExit) as exit, warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")  # a warning would print before the one line
         sample.main([a.format(d=bad_files) for a in args])
     err = capsys.readouterr().err
     assert exit.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert not warned, [str(w.message) for w in warned]
     assert expected.format(d=bad_files) in err, err
 
 @pytest.mark.slow
@@ -230,14 +238,31 @@ def test_help_and_a_bad_flag_from_the_command_line(small_ckpt):
     result = python("sample.py", "--ckpt", small_ckpt, "--top-k", "many")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "'many' is not a valid int" in result.stderr
 
-def test_decoding_keeps_fp32_where_bf16_is_not_faster(small_ckpt, monkeypatch):
-    import common
+def test_the_decoding_dtype_follows_the_width_and_the_cpu_never_a_timing(small_ckpt, monkeypatch):
+    import dataclasses
+
+    import hardware
     model = load_for_inference(small_ckpt)[0].eval()
+    wide = Transformer(dataclasses.replace(model.config, n_embd=256, n_head=4, n_kv_head=2, ffn_hidden=0))
     cpu = torch.device("cpu")
-    assert sample.decode_dtype(model, "bfloat16", cpu) == torch.bfloat16  # asked for: no probe
-    monkeypatch.setattr(common, "cpu_has_bf16", lambda: False)
-    assert sample.decode_dtype(model, "auto", cpu) == torch.float32
-    monkeypatch.setattr(common, "cpu_has_bf16", lambda: True)
-    timings = iter([0.0, 2.0, 2.0, 5.0, 5.0, 6.0, 6.0, 9.0])  # the second round counts: fp32 1 s, bf16 3 s
-    monkeypatch.setattr(sample.time, "perf_counter", lambda: next(timings))
-    assert sample.decode_dtype(model, "auto", cpu) == torch.float32  # the tiny model decodes faster in fp32
+    assert sample.decode_dtype(model, "bfloat16", cpu) == torch.bfloat16  # asked for: given
+    for has_bf16 in (False, True):
+        monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: has_bf16)
+        assert sample.decode_dtype(model, "auto", cpu) == torch.float32  # d32: fp32 decodes faster
+        assert sample.decode_dtype(wide, "auto", cpu) == (torch.bfloat16 if has_bf16 else torch.float32)
+
+def test_control_bytes_from_the_model_or_the_prompt_never_reach_the_terminal(tmp_path, capsys):
+    # a model whose every logit is 0 picks id 0 greedily: the byte NUL, a control character
+    ckpt = torch.load(write_checkpoint(tmp_path / "c.pt", SMALL_BPE, SMALL_EOT), weights_only=True)
+    ckpt["model"]["lm_head.weight"].zero_()
+    torch.save(ckpt, tmp_path / "nul.pt")
+    out = run_main(capsys, "--ckpt", tmp_path / "nul.pt", "--prompt", "\x1b[31mred", "--temperature", 0,
+                   "--max-new-tokens", 3).out
+    assert out.startswith("\\x1b[31mred\\x00\\x00\\x00\n")  # shown, not obeyed
+    assert not any(c != "\n" and not c.isprintable() for c in out)
+
+@pytest.mark.slow
+def test_the_same_command_and_seed_give_the_same_text(small_ckpt):
+    args = ["--ckpt", small_ckpt, "--prompt", "the hell", "--seed", 1, "--max-new-tokens", 60]
+    texts = {python("sample.py", *args).stdout for _ in range(3)}
+    assert len(texts) == 1 and len(texts.pop()) > 60

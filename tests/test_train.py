@@ -27,12 +27,12 @@ import torch
 
 import prepare
 import data as data_py
-import export as export_py
 import evaluate
 import hf
 import presets
 import train as train_py
 from checkpoint import load_for_inference, save_checkpoint
+import hardware
 from conftest import SHAKESPEARE, TINY_RUN, ROOT, assert_user_error, losses, python, tiny_config, train
 from model import ModelConfig, Transformer
 
@@ -325,10 +325,18 @@ def test_damaged_data_folders_are_one_line_errors(byte_data, tmp_path, capsys):
         (folder / "tokenizer.tiktoken").write_text("\n".join(lines) + "\n")
     cases = {
         "truncated": (None, truncate, ["train_0000.bin", "truncated or corrupt"]),
-        "vocab-type": (lambda m: m.update(vocab_size="257"), None, ["meta.json is damaged"]),
-        "eot-range": (lambda m: m.update(eot_id=70000), None, ["meta.json is damaged"]),
-        "no-count": (lambda m: m["shards"]["train"][0].pop("tokens"), None, ["meta.json is damaged"]),
-        "path-in-file": (lambda m: m["shards"]["train"][0].update(file="../x.bin"), None, ["meta.json is damaged"]),
+        # a damaged meta.json names the field that is wrong
+        "vocab-type": (lambda m: m.update(vocab_size="257"), None, ['"vocab_size"', "re-run prepare.py"]),
+        "eot-range": (lambda m: m.update(eot_id=70000), None, ['"eot_id"']),
+        "no-dtype": (lambda m: m.pop("dtype"), None, ['"dtype"']),
+        "no-count": (lambda m: m["shards"]["train"][0].pop("tokens"), None, ['"shards" of train']),
+        # file names read from meta.json stay inside the folder: plain names, no symbolic links
+        "path-in-file": (lambda m: m["shards"]["train"][0].update(file="../x.bin"), None, ["'../x.bin', not a plain"]),
+        "ranks-outside": (lambda m: m["tokenizer"].update(ranks_file="../../etc/hostname"), None,
+                          ["'../../etc/hostname', not a plain file name"]),
+        "linked-shard": (None, lambda f: (f / "train_0000.bin").unlink() or os.symlink(byte_data / "train_0000.bin",
+                                                                                       f / "train_0000.bin"),
+                         ["train_0000.bin is a symbolic link"]),
         "no-val": (lambda m: m["shards"].update(val=[]), None, ["lists no val shards"]),
         "no-ranks": (None, lambda f: (f / "tokenizer.tiktoken").unlink(), ["cannot load the tokenizer"]),
         "bad-ranks": (None, lambda f: (f / "tokenizer.tiktoken").write_text("garbage\n"), ["cannot load the tokenizer"]),
@@ -339,7 +347,7 @@ def test_damaged_data_folders_are_one_line_errors(byte_data, tmp_path, capsys):
         assert all(f in err for f in fragments), (name, err)
     (tmp_path / "json").mkdir()
     (tmp_path / "json" / "meta.json").write_text('{"format": "llama-sha')
-    assert "is damaged or not written by prepare.py" in refused(capsys, f"--data={tmp_path / 'json'}", "--max-iters=1")
+    assert "is not readable JSON" in refused(capsys, f"--data={tmp_path / 'json'}", "--max-iters=1")
 
     # Resuming, or evaluating, on data from another tokenizer of the same size is refused.
     other = damaged_copy(byte_data, tmp_path / "other", None, swap_two_ranks)
@@ -399,11 +407,10 @@ def test_lr_schedule_and_epoch_order():
     assert [data_py.EpochOrder(50, seed=3)(g) for g in range(50)] == epoch0
 
 def test_the_runtime_picks_precision_compile_and_the_mfu_peak(monkeypatch):
-    import common
     before = torch.get_float32_matmul_precision()
     try:
         for has_bf16, dtype in [(True, torch.bfloat16), (False, torch.float32)]:
-            monkeypatch.setattr(common, "cpu_has_bf16", lambda: has_bf16)
+            monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: has_bf16)
             measured = []  # (device, dtype) of each peak measurement; bf16 for real only on a bf16 CPU
             monkeypatch.setattr(train_py, "matmul_flops", lambda *args: measured.append(args) or 1e9)
             rt = train_py.Runtime(distributed=False, rank=0, local_rank=0, world=1)
@@ -412,7 +419,7 @@ def test_the_runtime_picks_precision_compile_and_the_mfu_peak(monkeypatch):
             assert (rt.dtype, rt.compile, torch.get_float32_matmul_precision()) == (dtype, False, "high")
             assert measured == [(torch.device("cpu"), dtype)] and rt.peak_flops == 1e9  # this CPU's, in rt.dtype
         monkeypatch.undo()
-        assert common.matmul_flops(torch.device("cpu"), torch.float32, n=256, repeats=1) > 1e8  # a real figure
+        assert hardware.matmul_flops(torch.device("cpu"), torch.float32, n=256, repeats=1) > 1e8  # a real figure
         rt = train_py.Runtime(distributed=False, rank=0, local_rank=0, world=1)
         train_py.start(rt, train_py.TrainConfig(device="cpu", dtype="float32", compile="true", peak_flops=5e9,
                                                 max_iters=1))
@@ -453,10 +460,25 @@ def test_mixture_settings(byte_data, tmp_path, capsys):
     tiny = ["--max-iters=1", f"--out-dir={tmp_path / 'run'}"]
     assert "must be a positive number" in refused(capsys, f"--data={byte_data}:1,{byte_data}x:-1", *tiny)
     assert "names a folder twice" in refused(capsys, f"--data={byte_data}:1,{byte_data}:2", *tiny)
+    assert "names a folder twice" in refused(capsys, f"--data={byte_data}:0.5,{byte_data}/:0.5", *tiny)
+    # any number of folders: a weight of 0, NaN, or weights whose sum overflows are one line, not a traceback
+    for weights in (f"{byte_data}:0", f"{byte_data}:nan", f"{byte_data}:inf", f"{byte_data}:1e308,{tmp_path}:1e308"):
+        assert "every weight must be a positive number" in refused(capsys, f"--data={weights}", *tiny), weights
     r50k = tmp_path / "r50k"
     prepare_args = ["--input", str(SHAKESPEARE), "--out", str(r50k), "--num-proc", "1"]
     prepare.prepare(prepare.parse_settings(prepare_args), "test")
     assert "another tokenizer" in refused(capsys, f"--data={byte_data}:1,{r50k}:1", *tiny)
+
+def test_without_matplotlib_the_banner_says_how_to_get_the_picture(byte_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed: import fails
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.raises(SystemExit) as exit:
+        train_py.main([f"--data={byte_data}", f"--out-dir={tmp_path}", *TINY_RUN, "--max-iters=2"])
+    for signum, handler in handlers.items():  # the run's own handlers go when the test ends
+        signal.signal(signum, handler)
+    out = capsys.readouterr().out
+    assert exit.value.code == 0 and "(loss.png needs matplotlib: pip install matplotlib)" in out
+    assert not (tmp_path / "loss.png").exists() and f"{tmp_path}/loss.png" not in out
 
 def test_each_preset_builds_the_model_its_comment_claims():
     # (total, without embeddings) in millions, as the presets' comments and the README say; "" is the
