@@ -358,7 +358,7 @@ def bench_time_to_loss(cfg):
             t0 = time.time()
             steps = [f"--max-iters={cfg.ttl_steps}", "--eval-every=10"] if cfg.ttl_steps else []
             run = subprocess.run([sys.executable, os.path.join(here, "train.py"), f"--data={data}",
-                                  f"--out-dir={out}", *train_flags, *steps, "--sample-tokens=0",
+                                  f"--out-dir={out}", *train_flags, *steps, "--sample-tokens=0", "--plot=false",
                                   f"--dtype={'float32' if dtype == 'fp32' else 'bfloat16'}",
                                   f"--optimizer={optimizer}", *optimizer_flags[optimizer]],
                                  capture_output=True, text=True)

@@ -13,7 +13,6 @@ model trained with it exports like any other.
     opt = Muon([w for name, w in model.named_parameters() if ...], lr=0.02, momentum=0.95)
 """
 import torch
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 # Coefficients (a, b, c) of the quintic x -> a x + b x^3 + c x^5 applied to the singular values, from
 # the post: chosen to pull every value in (0, 1] up fast (slope a = 3.4 at 0), landing in about
@@ -75,11 +74,13 @@ class Muon(torch.optim.Optimizer):
 # momentum is elementwise and stays in pieces, but U V^T needs the whole matrix: every process gathers
 # it, orthogonalizes it and keeps its own rows. Simple, and the same update on every process; large
 # runs spread the matrices over the processes instead, so that each is orthogonalized once.
+# (DTensor is known by its full_tensor(): importing torch.distributed.tensor costs every run 0.7 s.)
 def whole(t):
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 def shaped_like(p, update):
-    if not isinstance(p, DTensor):
+    if not hasattr(p, "full_tensor"):
         return update
+    from torch.distributed.tensor import distribute_tensor
     # src_data_rank=None: each process cuts its own piece of the update it holds; nothing is sent
     return distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None)

@@ -148,8 +148,9 @@ def print_plan(log, cfg, model, rt, plan, data=None, start_step=0, init_note=Non
               f"micro-batch(es) of {cfg.batch_size} sequences")
     print_memory(log, cfg, model, rt)
     if not cfg.dry_run:
-        plot = "loss.png" if has_matplotlib() else "(loss.png needs matplotlib: pip install matplotlib)"
-        log.print(f"output  {cfg.out_dir}/: ckpt.pt (latest), best.pt (lowest val loss), log.jsonl, {plot}")
+        plot = ("" if not cfg.plot else ", loss.png" if has_matplotlib() else
+                ", (loss.png needs matplotlib: pip install matplotlib)")
+        log.print(f"output  {cfg.out_dir}/: ckpt.pt (latest), best.pt (lowest val loss), log.jsonl{plot}")
     if init_note:  # --init-from
         log.print(init_note)
 

@@ -95,6 +95,7 @@ class TrainConfig:
     hellaswag_items: int = setting(0, "score only the first N items (quick checks); 0 = all 10,042")
     hellaswag_style: str = setting("nanogpt", "nanogpt: the text as given; lm-eval: as lm-eval prepares it, to "
                                    "compare acc and acc_norm_chars with its tables")
+    plot: bool = setting(True, "draw loss.png at each checkpoint (needs matplotlib)")
     wandb: bool = setting(False, "also log to Weights & Biases (pip install wandb)")
     wandb_project: str = setting("llama-from-scratch", "the wandb project")
     # system
@@ -222,7 +223,7 @@ def main(argv):
             best_val = record["val_loss"] if improved else best_val
             save(paths, raw_model, optimizers, improved, rt, tokenizer=tokenizer, eot_id=meta["eot_id"],
                  train_config=asdict(cfg), step=step, tokens_seen=tokens_seen, best_val_loss=best_val)
-            if rt.master:
+            if rt.master and cfg.plot:
                 plot_losses(paths["log.jsonl"], paths["loss.png"])
         if last_step or stopped:
             break

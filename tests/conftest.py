@@ -8,6 +8,8 @@ the byte-level Tiny Shakespeare data set.
 Tests that start a script in a subprocess (each pays for importing torch) are marked slow.
 """
 import base64
+import contextlib
+import io
 import json
 import os
 import signal
@@ -28,6 +30,7 @@ if (SHARED / "tiktoken_cache").is_dir():
 torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation
 
 from checkpoint import save_checkpoint  # noqa: E402
+import common  # noqa: E402
 from common import download  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
@@ -166,7 +169,7 @@ def byte_mixture(byte_data, tmp_path_factory):
 # --peak-flops: MFU against a stated peak; measuring this CPU's (0.2-0.4 s) in each of ~40 runs adds up
 TINY_RUN = ["--n-layer=2", "--n-embd=32", "--n-head=4", "--n-kv-head=2", "--max-seq-len=32", "--batch-size=4",
             "--log-every=1", "--eval-batches=2", "--sample-tokens=0", "--warmup-iters=0", "--min-lr-ratio=1",
-            "--peak-flops=1e11"]
+            "--peak-flops=1e11", "--plot=false"]  # --plot: importing matplotlib costs each run ~1 s
 
 def train(data, out, *args, torchrun=None, **kwargs):
     """python train.py (or torchrun with that many processes) on a tiny model -> CompletedProcess."""
@@ -174,6 +177,25 @@ def train(data, out, *args, torchrun=None, **kwargs):
     launcher = [script] if torchrun is None else [
         "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", script]
     return run([sys.executable, *launcher, f"--data={data}", f"--out-dir={out}", *TINY_RUN, *args], **kwargs)
+
+def train_here(data, out, *args):
+    """train.py's main() in this process, as train() runs it in a new one but without paying again for
+    the interpreter, torch and torch.optim's dynamo import (~4 s a run) -> CompletedProcess. For runs
+    whose point is what they compute; train() for what a user sees of a process (signals, torchrun)."""
+    import train as train_py
+    argv = [f"--data={data}", f"--out-dir={out}", *TINY_RUN, *map(str, args)]
+    stdout, stderr, code = io.StringIO(), io.StringIO(), 0
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            train_py.main(argv)
+    except SystemExit as e:
+        code = e.code or 0
+    finally:  # what the end of its process would do: its signal handlers and its locks go
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        common.release_locks()
+    return subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
 
 def losses(out):
     """(step, training loss) of every log record of a run."""

@@ -19,7 +19,7 @@ import prepare
 import sample as sample_py
 import data as data_py
 import train as train_py
-from conftest import R50K, R50K_EOT, SMALL_BPE, TINY_RUN, losses, python, train, write_checkpoint
+from conftest import R50K, R50K_EOT, SMALL_BPE, TINY_RUN, losses, python, train_here, write_checkpoint
 
 ENC = tiktoken.get_encoding("r50k_base")
 CHAT_ENC = tiktoken.Encoding("r50k-chat", pat_str=ENC._pat_str, mergeable_ranks=ENC._mergeable_ranks,
@@ -212,12 +212,10 @@ def test_a_fine_tuned_model_answers_a_new_question_in_the_trained_format(byte_da
     talk = write_jsonl(tmp_path / "talk.jsonl", rows)
     result = python("prepare.py", "--input", talk, "--chat", "--tokenizer", byte_data, "--out", tmp_path / "chat")
     assert result.returncode == 0, result.stderr
-    base = train(byte_data, tmp_path / "base", "--max-iters=20")
+    base = train_here(byte_data, tmp_path / "base", "--max-iters=20")
     assert base.returncode == 0, base.stderr
-    def fine_tune(out, *args):
-        run_args = [a for a in TINY_RUN if "--n-" not in a and "seq-len" not in a]  # the model is base's
-        return python("train.py", f"--data={tmp_path / 'chat'}", f"--out-dir={out}", *run_args, "--batch-size=8",
-                      "--lr=3e-3", "--eval-every=150", "--device=cpu", *args)
+    def fine_tune(out, *args):  # (in this process: the model's settings come from the base checkpoint)
+        return train_here(tmp_path / "chat", out, "--batch-size=8", "--lr=3e-3", "--eval-every=150", *args)
     tuned = fine_tune(tmp_path / "tuned", f"--init-from={tmp_path / 'base' / 'ckpt.pt'}", "--max-iters=150")
     assert tuned.returncode == 0, tuned.stderr
     # stopped halfway and resumed: the same losses, masks and new token rows included

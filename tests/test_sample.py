@@ -15,6 +15,7 @@ import torch
 
 import sample
 from checkpoint import load_for_inference
+from common import printable
 from model import Transformer
 from tokenizer import load_tokenizer
 from conftest import (R50K, R50K_EOT, ROOT, SMALL_BPE, SMALL_EOT, full_forward_greedy, full_logits, python,
@@ -68,7 +69,7 @@ def test_padding_ids_are_never_sampled(tmp_path, capsys):
                 break
             idx = torch.cat([idx, next_id.view(1, 1)], dim=1)
     out = run_main(capsys, "--ckpt", ckpt, "--prompt", " the hello", "--max-new-tokens", 30, "--temperature", 0).out
-    assert out == " the hello" + enc.decode(idx[0, len(prompt):].tolist()) + "\n" + "-" * 40 + "\n"
+    assert out == " the hello" + printable(enc.decode(idx[0, len(prompt):].tolist())) + "\n" + "-" * 40 + "\n"
 
 def test_same_seed_same_text(small_ckpt, capsys):
     args = ["--ckpt", small_ckpt, "--prompt", "To be, or not", "--max-new-tokens", 30, "--temperature", 1.0,
@@ -109,7 +110,7 @@ def test_long_prompt_is_cropped_from_the_left(small_ckpt, capsys):
     assert got.err == f"warning: the prompt has {len(ids)} tokens > max_seq_len=64; keeping the last 64\n"
     new = model.generate(torch.tensor([ids[-64:]]), 40, temperature=0, eos_id=eot)[0, 64:].tolist()
     new = new[:new.index(eot)] if eot in new else new
-    assert got.out == prompt + enc.decode(new) + "\n" + "-" * 40 + "\n"
+    assert got.out == prompt + printable(enc.decode(new)) + "\n" + "-" * 40 + "\n"
 
 def test_decode_stream_never_prints_half_characters():
     enc = load_tokenizer(R50K)
@@ -143,7 +144,7 @@ def test_no_prompt_starts_a_new_document(small_ckpt, capsys):
     new = full_forward_greedy(model, [eot], 30, eot)
     assert len(new) > 5
     out = run_main(capsys, "--ckpt", small_ckpt, "--max-new-tokens", 30, "--temperature", 0).out
-    assert out == enc.decode(new) + "\n" + "-" * 40 + "\n"
+    assert out == printable(enc.decode(new)) + "\n" + "-" * 40 + "\n"
 
 @pytest.mark.slow
 def test_interactive_prompts_in_a_terminal_and_from_a_pipe(r50k_ckpt):
@@ -264,5 +265,5 @@ def test_control_bytes_from_the_model_or_the_prompt_never_reach_the_terminal(tmp
 @pytest.mark.slow
 def test_the_same_command_and_seed_give_the_same_text(small_ckpt):
     args = ["--ckpt", small_ckpt, "--prompt", "the hell", "--seed", 1, "--max-new-tokens", 60]
-    texts = {python("sample.py", *args).stdout for _ in range(3)}
+    texts = {python("sample.py", *args).stdout for _ in range(2)}
     assert len(texts) == 1 and len(texts.pop()) > 60

@@ -33,7 +33,8 @@ import presets
 import train as train_py
 from checkpoint import load_for_inference, save_checkpoint
 import hardware
-from conftest import SHAKESPEARE, TINY_RUN, ROOT, assert_user_error, losses, python, tiny_config, train
+from conftest import (SHAKESPEARE, TINY_RUN, ROOT, assert_user_error, losses, python, tiny_config, train,
+                      train_here)
 from model import ModelConfig, Transformer
 
 def refused(capsys, *args):
@@ -50,23 +51,23 @@ def test_resume_continues_exactly(byte_data, tmp_path):
     # Dropout makes the run depend on the RNG state too, which the checkpoint must restore. (Muon's
     # resume: test_ddp_and_fsdp_equal_one_process_and_resume_across_each_other.)
     common = ["--dropout=0.1", "--eval-every=3"]
-    straight = train(byte_data, tmp_path / "a", "--max-iters=6", *common)
+    straight = train_here(byte_data, tmp_path / "a", "--max-iters=6", *common)
     assert straight.returncode == 0, straight.stderr
-    first = train(byte_data, tmp_path / "b", "--max-iters=3", *common)
+    first = train_here(byte_data, tmp_path / "b", "--max-iters=3", *common)
     assert first.returncode == 0, first.stderr
-    second = train(byte_data, tmp_path / "b", "--resume", "--max-iters=6")
+    second = train_here(byte_data, tmp_path / "b", "--resume", "--max-iters=6")
     assert second.returncode == 0, second.stderr
     assert len(losses(tmp_path / "a")) == 6
     assert losses(tmp_path / "b") == losses(tmp_path / "a")  # exact equality on CPU
     # A run at its length already: nothing to do, said so, exit 0, nothing written.
     before = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()}
-    done = train(byte_data, tmp_path / "b", "--resume", "--max-iters=4")
+    done = train_here(byte_data, tmp_path / "b", "--resume", "--max-iters=4")
     assert done.returncode == 0 and "is at step 6, the run has 4 steps: nothing to do" in done.stdout, done.stderr
     assert {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()} == before
 
 @pytest.mark.slow
 def test_a_mixture_resumes_exactly_and_two_processes_equal_one(byte_mixture, tmp_path):
-    one = train(byte_mixture, tmp_path / "one", "--max-iters=4", "--batch-tokens=256", "--eval-every=2")
+    one = train_here(byte_mixture, tmp_path / "one", "--max-iters=4", "--batch-tokens=256", "--eval-every=2")
     assert one.returncode == 0, one.stderr
     assert "(70% of the batches)" in one.stdout and "(30% of the batches)" in one.stdout
     two = train(byte_mixture, tmp_path / "two", "--max-iters=4", "--eval-every=2", torchrun=2)
@@ -76,9 +77,9 @@ def test_a_mixture_resumes_exactly_and_two_processes_equal_one(byte_mixture, tmp
     lean = train(byte_mixture, tmp_path / "lean", "--max-iters=4", "--eval-every=2", "--dtype=bfloat16",
                  "--parallel=fsdp", "--activation-checkpointing", "--chunked-loss", torchrun=2)
     assert lean.returncode == 0 and "bfloat16, compile off, 2 process(es) (FSDP)" in lean.stdout, lean.stderr
-    half = train(byte_mixture, tmp_path / "half", "--max-iters=2", "--batch-tokens=256", "--eval-every=2")
+    half = train_here(byte_mixture, tmp_path / "half", "--max-iters=2", "--batch-tokens=256", "--eval-every=2")
     assert half.returncode == 0, half.stderr
-    resumed = train(byte_mixture, tmp_path / "half", "--resume", "--max-iters=4")
+    resumed = train_here(byte_mixture, tmp_path / "half", "--resume", "--max-iters=4")
     assert resumed.returncode == 0, resumed.stderr
     a, b, c = losses(tmp_path / "one"), losses(tmp_path / "two"), losses(tmp_path / "half")
     assert a == c and len(a) == 4  # resumed: exactly the same
@@ -98,7 +99,7 @@ def test_ddp_and_fsdp_equal_one_process_and_resume_across_each_other(byte_data, 
     # fp32: FSDP's bf16 mixed precision would round differently from DDP's autocast
     opt = [f"--optimizer={optimizer}", "--eval-every=2", "--dtype=float32", "--batch-tokens=256"]
     two = dict(torchrun=2)
-    runs = {"one": train(byte_data, tmp_path / "one", "--max-iters=4", *opt),
+    runs = {"one": train_here(byte_data, tmp_path / "one", "--max-iters=4", *opt),
             "ddp": train(byte_data, tmp_path / "ddp", "--max-iters=4", *opt, **two),
             # and the memory savers, which must not change a thing either
             "fsdp": train(byte_data, tmp_path / "fsdp", "--max-iters=2", "--parallel=fsdp",
@@ -116,7 +117,8 @@ def test_ddp_and_fsdp_equal_one_process_and_resume_across_each_other(byte_data, 
         if name != "fsdp":
             shutil.copytree(tmp_path / "fsdp", tmp_path / name)
     for name, flags in resumes.items():
-        resumed = train(byte_data, tmp_path / name, "--resume", "--max-iters=4", *flags, **(two if flags else {}))
+        run = train if flags else train_here  # (one process: in this one)
+        resumed = run(byte_data, tmp_path / name, "--resume", "--max-iters=4", *flags, **(two if flags else {}))
         assert resumed.returncode == 0, resumed.stderr
     one = losses(tmp_path / "one")
     assert [s for s, _ in one] == [1, 2, 3, 4]
@@ -135,9 +137,10 @@ def test_ddp_and_fsdp_equal_one_process_and_resume_across_each_other(byte_data, 
 
 @pytest.mark.slow
 def test_loss_falls_and_checkpoint_loads_with_weights_only(byte_data, tmp_path):
-    result = train(byte_data, tmp_path / "run", "--max-iters=40", "--eval-every=20", "--lr=3e-3",
-                   "--sample-tokens=20")
+    result = train_here(byte_data, tmp_path / "run", "--max-iters=40", "--eval-every=20", "--lr=3e-3",
+                   "--sample-tokens=20", "--plot=true")
     assert result.returncode == 0, result.stderr
+    assert (tmp_path / "run" / "loss.png").read_bytes().startswith(b"\x89PNG")  # drawn, as the banner said
     with open(tmp_path / "run" / "log.jsonl") as f:
         vals = [r["val_loss"] for r in map(json.loads, f) if "val_loss" in r]
     assert len(vals) == 3 and vals[2] < vals[0] - 1.0  # from ~ln(320) = 5.8 to well below
@@ -172,7 +175,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(byte_data, tmp_path):
         while time.time() < deadline and not ((out / "log.jsonl").exists() and len(losses(out)) >= 3):
             time.sleep(0.2)
         # A second run on the same out_dir meanwhile: refused, naming the first one's pid.
-        assert_user_error(train(byte_data, out, "--max-iters=5"), "is in use by another run", f"pid {proc.pid}")
+        assert_user_error(train_here(byte_data, out, "--max-iters=5"), "is in use by another run", f"pid {proc.pid}")
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
@@ -183,17 +186,17 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(byte_data, tmp_path):
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     saved = ckpt["step"]
     assert saved >= 3 and [s for s, _ in losses(out)][-1] == saved
-    resumed = train(byte_data, out, "--resume", f"--max-iters={saved + 2}")
+    resumed = train_here(byte_data, out, "--resume", f"--max-iters={saved + 2}")
     assert resumed.returncode == 0, resumed.stderr
     assert [s for s, _ in losses(out)][-2:] == [saved + 1, saved + 2]
 
 @pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_the_checkpoint(byte_data, tmp_path):
     out = tmp_path / "run"
-    assert train(byte_data, out, "--max-iters=2", "--eval-every=2").returncode == 0
+    assert train_here(byte_data, out, "--max-iters=2", "--eval-every=2").returncode == 0
     # An absurd learning rate without clipping blows the weights up within a few steps.
     blowup = ["--lr=1e6", "--grad-clip=0", "--eval-every=1", "--dtype=float32"]  # bf16 saturates instead
-    result = train(byte_data, out, "--resume", "--max-iters=50", *blowup)
+    result = train_here(byte_data, out, "--resume", "--max-iters=50", *blowup)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "still holds the last good state" in result.stderr
     bad_step = int(result.stderr.split("at step ")[1].split(";")[0])
@@ -202,14 +205,14 @@ def test_nonfinite_loss_stops_and_keeps_the_checkpoint(byte_data, tmp_path):
     assert 2 <= ckpt["step"] <= bad_step
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
     # A fresh run that blows up before its first checkpoint does not claim one.
-    fresh = train(byte_data, tmp_path / "fresh", "--max-iters=50", *blowup[:2], "--eval-every=100")
+    fresh = train_here(byte_data, tmp_path / "fresh", "--max-iters=50", *blowup[:2], "--eval-every=100")
     assert fresh.returncode == 1 and "no checkpoint was written" in fresh.stderr, fresh.stderr
     assert not (tmp_path / "fresh" / "ckpt.pt").exists()
 
 @pytest.mark.slow
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(byte_data, tmp_path):
     out = tmp_path / "run"
-    assert train(byte_data, out, "--max-iters=2", "--eval-every=2").returncode == 0
+    assert train_here(byte_data, out, "--max-iters=2", "--eval-every=2").returncode == 0
     before = (out / "ckpt.pt").read_bytes()
 
     def small_disk():  # files may grow to 100 kB: the 450 kB checkpoint does not fit
@@ -222,11 +225,11 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(byte_data, tmp_p
 @pytest.mark.slow
 def test_runs_do_not_mix_in_one_out_dir(byte_data, tmp_path):
     out = tmp_path / "run"
-    assert train(byte_data, out, "--max-iters=2", "--eval-every=2").returncode == 0
+    assert train_here(byte_data, out, "--max-iters=2", "--eval-every=2").returncode == 0
     before = (out / "ckpt.pt").read_bytes()
-    assert_user_error(train(byte_data, out, "--max-iters=2"), "holds a run already", "--resume", "--overwrite")
+    assert_user_error(train_here(byte_data, out, "--max-iters=2"), "holds a run already", "--resume", "--overwrite")
     assert (out / "ckpt.pt").read_bytes() == before
-    again = train(byte_data, out, "--max-iters=3", "--eval-every=3", "--overwrite")
+    again = train_here(byte_data, out, "--max-iters=3", "--eval-every=3", "--overwrite")
     assert again.returncode == 0, again.stderr
     assert [s for s, _ in losses(out)] == [1, 2, 3]  # the old run's records are gone, not mixed in
     # under torchrun the reason ends the output too: its failure summary, not 30 lines above it
@@ -243,7 +246,7 @@ def test_corrupt_token_ids_are_found_in_the_shard_that_holds_them(byte_data, tmp
     # against the data's size finds it.
     shard = bad / "train_0000.bin"
     shard.write_bytes(np.full(len(shard.read_bytes()) // 2, 300, dtype=np.uint16).tobytes())
-    assert_user_error(train(bad, tmp_path / "x", "--max-iters=1"), "token id 300 >= the data's vocab_size=257",
+    assert_user_error(train_here(bad, tmp_path / "x", "--max-iters=1"), "token id 300 >= the data's vocab_size=257",
                       "train_0000.bin")
 
 @pytest.mark.slow
@@ -473,7 +476,7 @@ def test_without_matplotlib_the_banner_says_how_to_get_the_picture(byte_data, tm
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed: import fails
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     with pytest.raises(SystemExit) as exit:
-        train_py.main([f"--data={byte_data}", f"--out-dir={tmp_path}", *TINY_RUN, "--max-iters=2"])
+        train_py.main([f"--data={byte_data}", f"--out-dir={tmp_path}", *TINY_RUN, "--max-iters=2", "--plot=true"])
     for signum, handler in handlers.items():  # the run's own handlers go when the test ends
         signal.signal(signum, handler)
     out = capsys.readouterr().out
