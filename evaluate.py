@@ -71,13 +71,18 @@ def evaluate_val(model, val, enc, cfg, rt):
         record |= {f"val_loss[{name}]": loss for name, (loss, _) in zip(val.names, results)}
     return record
 
-def sample_text(model, enc, eot_id, n_tokens, seed, rt):
-    """A seeded sample from the start of a document, as printable text (control bytes escaped)."""
-    prompt = torch.full((1, 1), eot_id, dtype=torch.long, device=rt.device)
-    with rt.amp:
-        out = model.generate(prompt, n_tokens, temperature=0.8, top_k=200, vocab_size=enc.n_vocab,
-                             generator=torch.Generator(rt.device).manual_seed(seed))
-    return printable(enc.decode(out[0, 1:].tolist()))
+def samples(model, enc, eot_id, prompts, n_tokens, seed, rt):
+    """{prompt: its completion} for each prompt ("" = a new document, from end-of-text), seeded the
+    same at every evaluation: the same prompts at step 0 and at the end show what training taught.
+    The text is printable (control bytes escaped)."""
+    completions = {}
+    for prompt in prompts:
+        ids = [eot_id] + enc.encode_ordinary(prompt)[-(model.config.max_seq_len - 1):]
+        with rt.amp:
+            out = model.generate(torch.tensor([ids], device=rt.device), n_tokens, temperature=0.8, top_k=200,
+                                 vocab_size=enc.n_vocab, generator=torch.Generator(rt.device).manual_seed(seed))
+        completions[prompt] = printable(enc.decode(out[0, len(ids):].tolist()))
+    return completions
 
 def evaluate_only(cfg, model, ckpt, meta, rt):
     """--eval-only: val loss (when the data folder exists) and HellaSwag of a checkpoint; one log line."""

@@ -58,6 +58,9 @@ PRESETS = {  # each writes the folder that train.py's preset for the corpus read
                         out="data/fineweb_edu"),
     # 8M web pages, ~9B tokens: nanoGPT's GPT-2 reproduction corpus
     "openwebtext": dict(dataset="Skylion007/openwebtext", val_fraction=0.0005, out="data/openwebtext"),
+    # the same pages with lilLM's own 8192-token BPE (8191 merges and tokens + eot)
+    "openwebtext-8k": dict(dataset="Skylion007/openwebtext", vocab_size=8191, val_fraction=0.0005,
+                           out="data/openwebtext_8k"),
     # conversations made from the play for the chat demo: each speech is a user turn and the next one
     # the assistant's reply, tokenized by data/shakespeare's BPE so that its model can be fine-tuned
     "shakespeare_chat": dict(input=["https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"],

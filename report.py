@@ -22,6 +22,7 @@ import torch
 from common import atomic_write, die, flag
 from memory import GiB, fixes, memory_plan, size
 from model import LOSS_CHUNK
+from presets import SEEDS
 
 def perplexity(loss):
     return math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past 709
@@ -88,16 +89,16 @@ class RunLog:
                      "tokens_per_s": tok_s, "mfu": mfu, "time": now})
         self.t_log, self.tokens_at_log = now, tokens
 
-    def evaluation(self, record, sample=None):
+    def evaluation(self, record):
         """The line of an evaluation (loss, perplexity, bits per byte, HellaSwag, each source's loss),
-        its record, and a sample, indented."""
+        its record, and its samples, indented under their prompts."""
         record["elapsed"] = time.time() - self.t_start  # seconds since the loop began (bench.py reads it)
         shown = ("val_bpb", "hellaswag_acc", "val_loss[")
         self.print(f"eval step {record['step']} | val loss {record['val_loss']:.4f} | ppl {record['val_ppl']:.2f} | " +
                    " | ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(shown)))
         self.record(record)
-        if sample is not None:
-            self.print("sample:\n" + "\n".join("  | " + line for line in sample.split("\n")))
+        for prompt, text in record.get("samples", {}).items():
+            self.print("sample:\n" + "\n".join("  | " + line for line in (prompt + text).split("\n")))
 
 # --- The banner -----------------------------------------------------------------------------------
 def changed_settings(*configs):
@@ -140,7 +141,14 @@ def print_plan(log, cfg, model, rt, plan, data=None, start_step=0, init_note=Non
                   f"{total * weight / (windows.n * T):.2f} epochs in this run")
     log.print(f"plan    {f'from step {start_step} to ' if start_step else ''}{max_iters} steps x {batch_tokens:,} "
               f"tokens = {total / 1e6:,.1f}M tokens ({total / n_params:.1f} per parameter; Chinchilla-optimal "
-              f"~20), {model.flops_per_token(T) * total:.2e} FLOPs")
+              f"~20), {model.flops_per_token(T) * total:.2e} FLOPs; warmup {cfg.warmup_iters} steps = "
+              f"{cfg.warmup_iters * batch_tokens / 1e6:,.1f}M tokens")
+    seed = SEEDS.get(cfg.preset)
+    if seed:  # what the seed run is, as its author counts it, and where this preset differs
+        stated, counted = seed["params"]
+        log.print(textwrap.fill(f"seed    {seed['name']}: {stated / 1e6:,.1f}M parameters counted {counted} (here "
+                                f"{model.num_params(embeddings=counted == 'total') / 1e6:,.1f}M); differs: "
+                                f"{seed['differs']}", 110, subsequent_indent=" " * 8))
     name = rt.device.type if rt.device.type != "cuda" else "planned" if cfg.dry_run else \
         torch.cuda.get_device_name(rt.device)
     log.print(f"runtime {rt.device} ({name}), {str(rt.dtype).removeprefix('torch.')}, compile "
@@ -200,23 +208,50 @@ def print_summary(log, cfg, paths, why, step, best_val, stopped, chat):
                   f"  records:  {paths['log.jsonl']}" +
                   (f", {paths['loss.png']}" if os.path.exists(paths["loss.png"]) else ""))
 
-def plot_losses(log_path, png_path):
-    """loss.png from the JSONL log, if matplotlib is installed (it is optional)."""
+def pyplot():
+    """matplotlib's pyplot drawing to files (no display needed), or None when it is not installed."""
     if not has_matplotlib():
-        return
+        return None
     import matplotlib
-    matplotlib.use("Agg")  # files only: no display needed
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    with open(log_path) as f:
-        records = [json.loads(line) for line in f]
-    plt.figure(figsize=(7, 4))
-    for key in ("loss", "val_loss"):
-        points = [(r["step"], r[key]) for r in records if key in r]
+    return plt
+
+def read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+def plot_run(log_path, png_path):
+    """loss.png: the run in six panels from log.jsonl, as LF_LLM-269M shows its training: train and
+    val loss, learning rate, tokens/s, MFU, gradient norm, and HellaSwag when it was measured."""
+    plt = pyplot()
+    if plt is None:
+        return
+    records = read_log(log_path)
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r and "eval_only" not in r]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    loss = axes[0, 0]
+    loss.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1, label="train")
+    loss.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
+    loss.set(title="loss", xlabel="step")
+    loss.legend()
+    for ax, key, title in [(axes[0, 1], "lr", "learning rate (AdamW's)"), (axes[0, 2], "tokens_per_s", "tokens/s"),
+                           (axes[1, 0], "mfu", "MFU"), (axes[1, 1], "grad_norm", "gradient norm")]:
+        points = [(r["step"], r[key]) for r in steps if r.get(key) is not None]
         if points:
-            plt.plot(*zip(*points), label=key, marker="o" if key == "val_loss" else None)
-    plt.xlabel("step")
-    plt.ylabel("loss")
-    plt.legend()
-    plt.grid(alpha=0.3)
-    plt.savefig(png_path, dpi=100, bbox_inches="tight")
-    plt.close()
+            ax.plot(*zip(*points), lw=1)
+        ax.set(title=title, xlabel="step")
+    hellaswag = [r for r in evals if "hellaswag_acc" in r]
+    ax = axes[1, 2]
+    for key in ("hellaswag_acc", "hellaswag_acc_norm_tokens", "hellaswag_acc_norm_chars"):
+        if hellaswag:
+            ax.plot([r["step"] for r in hellaswag], [r[key] for r in hellaswag], "o-", label=key[10:])
+    ax.set(title="HellaSwag" if hellaswag else "HellaSwag (not measured: --hellaswag-every=N)", xlabel="step")
+    if hellaswag:
+        ax.legend()
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)

@@ -41,12 +41,12 @@ from checkpoint import check_resume, hf_as_checkpoint, load_checkpoint, load_pre
 from common import (autocast, check, die, flag, lock, parse_config, parse_flags, pick_device, pick_dtype,
                     run_main, setting)
 from data import Mixture, data_sources, load_data, tokenizer_of
-from evaluate import evaluate_only, evaluate_val, sample_text
+from evaluate import evaluate_only, evaluate_val, samples
 from hardware import gpu_peak_flops, matmul_flops
 from model import LOSS_CHUNK, ModelConfig, Transformer
 from muon import Muon
 from presets import HELP as PRESETS_HELP, PRESETS
-from report import RunLog, perplexity, plot_losses, print_plan, print_summary
+from report import RunLog, perplexity, plot_run, print_plan, print_summary
 
 # --- Settings -------------------------------------------------------------------------------------
 @dataclass
@@ -90,6 +90,8 @@ class TrainConfig:
     eval_batches: int = setting(10, "the fixed validation set: eval_batches * batch_size sequences")
     log_every: int = setting(10, "steps between log lines")
     sample_tokens: int = setting(100, "print a sample this long at each evaluation; 0 = none")
+    sample_prompts: str = setting("", "prompts to complete at each evaluation, step 0 included, split by |, e.g. "
+                                  "'HTML stands for|life is about'; empty: one sample from a new document")
     hellaswag_every: int = setting(0, "HellaSwag accuracy every N steps and at the end; 0 = never")
     hellaswag_path: str = setting("", "local hellaswag_val.jsonl; empty = download once to data/")
     hellaswag_items: int = setting(0, "score only the first N items (quick checks); 0 = all 10,042")
@@ -215,16 +217,17 @@ def main(argv):
                 record |= hellaswag.evaluate(compiled, enc, items, rt.device, rt.amp, T, rt.rank, rt.world)
             # From the uncompiled model (decoding shapes vary); on every rank under FSDP, whose
             # forward needs them all: they draw the same tokens from the same seed.
-            text = sample_text(raw_model, enc, meta["eot_id"], cfg.sample_tokens, cfg.seed, rt) \
-                if (rt.master or rt.fsdp) and cfg.sample_tokens else None
-            log.evaluation(record, text)
+            if (rt.master or rt.fsdp) and cfg.sample_tokens:
+                record["samples"] = samples(raw_model, enc, meta["eot_id"], cfg.sample_prompts.split("|"),
+                                            cfg.sample_tokens, cfg.seed, rt)
+            log.evaluation(record)
         if step > start_step and (evaluate or stopped):
             improved = evaluate and record["val_loss"] < best_val
             best_val = record["val_loss"] if improved else best_val
             save(paths, raw_model, optimizers, improved, rt, tokenizer=tokenizer, eot_id=meta["eot_id"],
                  train_config=asdict(cfg), step=step, tokens_seen=tokens_seen, best_val_loss=best_val)
             if rt.master and cfg.plot:
-                plot_losses(paths["log.jsonl"], paths["loss.png"])
+                plot_run(paths["log.jsonl"], paths["loss.png"])
         if last_step or stopped:
             break
 

@@ -81,5 +81,5 @@ def test_the_model_tests_need_no_corpus_and_no_network(tmp_path):
 
 def test_what_the_scripts_write_by_default_is_ignored_by_git():
     ignored = set((ROOT / ".gitignore").read_text().split())
-    # prepare.py -> data/, train.py -> out/, export.py -> hf/ and gguf/, runs.py -> runs.png
-    assert {"data/", "out/", "hf/", "gguf/", "runs.png"} <= ignored
+    # prepare.py -> data/, train.py -> out/, export.py -> hf/ and gguf/, runs.py -> runs.png, plan.py -> isoflop.png
+    assert {"data/", "out/", "hf/", "gguf/", "runs.png", "isoflop.png"} <= ignored

@@ -405,12 +405,13 @@ def test_presets_carry_the_folders_train_py_reads_and_flags_win():
     # data/fineweb_edu (lf_llm_269m, gpt2_small)
     outs = {name: p["out"] for name, p in prepare.PRESETS.items()}
     assert outs == {"shakespeare": "data/shakespeare", "tinystories": "data/tinystories",
-                    "fineweb-edu": "data/fineweb_edu", "openwebtext": "data/openwebtext",
+                    "fineweb-edu": "data/fineweb_edu", "openwebtext": "data/openwebtext", "openwebtext-8k":
+                    "data/openwebtext_8k",
                     "shakespeare_chat": "data/shakespeare_chat", "tinystories-10k": "data/tinystories_10k"}
     assert prepare.PRESETS["tinystories-10k"]["vocab_size"] + 1 == 10000  # tinystories_23m's 10k ids
     # and the chat preset reuses the demo's tokenizer, for train.py's shakespeare_chat preset
     assert prepare.PRESETS["shakespeare_chat"]["tokenizer"] == "data/shakespeare"
-    assert prepare.PRESETS["tinystories"]["vocab_size"] + 1 == 8192
+    assert prepare.PRESETS["tinystories"]["vocab_size"] + 1 == prepare.PRESETS["openwebtext-8k"]["vocab_size"] + 1 == 8192
 
 @pytest.mark.parametrize("args, fragment", [
     (["--vocab-size", 100], "--vocab-size 100"),

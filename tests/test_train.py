@@ -483,19 +483,24 @@ def test_without_matplotlib_the_banner_says_how_to_get_the_picture(byte_data, tm
     assert exit.value.code == 0 and "(loss.png needs matplotlib: pip install matplotlib)" in out
     assert not (tmp_path / "loss.png").exists() and f"{tmp_path}/loss.png" not in out
 
-def test_each_preset_builds_the_model_its_comment_claims():
-    # (total, without embeddings) in millions, as the presets' comments and the README say; "" is the
-    # defaults: ModelConfig() alone is the CPU demo's model, vocabulary included
-    claims = {"": (1.27, 0.74), "lillm_39m": (39.6, 35.4), "tinystories_23m": (22.7, 12.5),
-              "llama3_220m": (219.3, 167.8), "gpt2_51m": (51.0, 25.2), "lf_llm_269m": (269.6, 218.1),
-              "gpt2_small": (123.6, 85.0)}
-    assert set(claims) - {""} | {"shakespeare_chat"} == set(presets.PRESETS)  # the chat preset: its base's model
+def test_each_preset_is_the_size_its_seed_states():
+    # ModelConfig() alone is the CPU demo's model, vocabulary included; each seed run's preset is the
+    # size its author states, counted as the seed counts (LF_LLM-269M without its tied embedding)
     model_keys = {f.name for f in fields(ModelConfig)}
-    for name, (total, body) in claims.items():
+
+    def model(settings):
         with torch.device("meta"):
-            model = Transformer(ModelConfig(**{k: v for k, v in presets.PRESETS.get(name, {}).items() if k in model_keys}))
-        assert (round(model.num_params() / 1e6, 2 if total < 2 else 1),
-                round(model.num_params(embeddings=False) / 1e6, 2 if total < 2 else 1)) == (total, body), name
+            return Transformer(ModelConfig(**{k: v for k, v in settings.items() if k in model_keys}))
+    demo = model({})
+    assert (round(demo.num_params() / 1e6, 2), round(demo.num_params(embeddings=False) / 1e6, 2)) == (1.27, 0.74)
+    assert set(presets.SEEDS) | {"shakespeare_chat"} == set(presets.PRESETS)  # the chat preset: the demo's model
+    for name, seed in presets.SEEDS.items():
+        stated, counted = seed["params"]
+        ours = model(presets.PRESETS[name]).num_params(embeddings=counted == "total")
+        assert ours == pytest.approx(stated, rel=0.03 if counted == "total" else 0.001), name
+    lf = model(presets.PRESETS["lf_llm_269m"])  # 16 x d1024 with a 4096-wide SwiGLU: 320M in all
+    assert round(lf.num_params() / 1e6) == 320 and presets.PRESETS["lf_llm_269m"]["warmup_iters"] * 524288 \
+        == pytest.approx(119e6, rel=0.005)  # its warmup: 119M tokens
 
 @pytest.mark.slow
 def test_init_from_hf_starts_where_transformers_is(byte_data, tmp_path):
