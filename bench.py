@@ -29,6 +29,7 @@ The default model has 10.5M parameters counting the token embedding and the unti
 of a 50k-vocab lm_head outweighing the blocks; n_embd 256, 8 layers, 4 heads of 64 (Llama's head
 dim), 2 key/value heads (grouped-query attention, as in Llama 3).
 """
+import dataclasses
 import json
 import os
 import statistics
@@ -226,34 +227,41 @@ def bench_train(cfg, ours, theirs, device, amp, compiled):
 
 # --- Memory ---------------------------------------------------------------------------------------
 def bench_memory(cfg, ours, device, amp, dtype):
-    """For the plain step, --activation-checkpointing, --chunked-loss (a chunk per sequence) and both:
-    the bytes autograd keeps for backward, measured and as memory.py plans them, and the step's time
-    (interleaved) against the plain step's."""
+    """For the plain step, --activation-checkpointing, --chunked-loss (a chunk per sequence), both, and
+    attention written out (--attention=manual): the bytes autograd keeps for backward, measured and as
+    memory.py plans them, and the step's time (interleaved) against the plain step's."""
     mc, B, T = ours.config, cfg.batch_size, cfg.seq_len
     is_amp, cpu_fp32_attention = dtype != torch.float32, device.type == "cpu"
     g = torch.Generator().manual_seed(cfg.seed + 2)
     idx = torch.randint(0, cfg.vocab_size, (B, T), generator=g).to(device)
-    variants = {"plain": (False, 0), "checkpointing": (True, 0), "chunked_loss": (False, T), "both": (True, T)}
-    out, steps = {}, {}
-    for name, (checkpointing, chunk) in variants.items():
+    variants = {"plain": (False, 0, False), "checkpointing": (True, 0, False), "chunked_loss": (False, T, False),
+                "both": (True, T, False), "manual_attention": (False, 0, True)}
+
+    def use(checkpointing, chunk, by_hand):
         ours.checkpointing, ours.loss_chunk = checkpointing, chunk
+        for layer in ours.layers:
+            layer.self_attn.by_hand = by_hand
+    out, steps = {}, {}
+    for name, (checkpointing, chunk, by_hand) in variants.items():
+        use(checkpointing, chunk, by_hand)
         # the chunked loss keeps no log-probabilities: it remakes them in the backward pass
-        planned = kept_bytes(mc, B * T, is_amp, cpu_fp32_attention, checkpointing, log_probs=not chunk)
+        planned = kept_bytes(dataclasses.replace(mc, attention="manual" if by_hand else "sdpa"), B * T, is_amp,
+                             cpu_fp32_attention, checkpointing, log_probs=not chunk)
         measured = saved_bytes(ours, idx, amp)
         out[name] = {"saved_mb": round(measured / 2**20, 2), "planned_mb": round(planned / 2**20, 2),
                      "measured_over_planned": round(measured / planned, 3)}
         step, _ = train_step_fn(ours, False, idx, idx, amp, compiled=False)
         step()  # warm-up: AdamW's state
 
-        def run(step=step, checkpointing=checkpointing, chunk=chunk):
-            ours.checkpointing, ours.loss_chunk = checkpointing, chunk
+        def run(step=step, variant=(checkpointing, chunk, by_hand)):
+            use(*variant)
             for _ in range(cfg.steps):
                 step()
         steps[name] = run
     secs = interleaved(steps, cfg.repeats, device)
     for name in variants:
         out[name]["step_time_vs_plain"] = round(statistics.median(secs[name]) / statistics.median(secs["plain"]), 3)
-    ours.checkpointing, ours.loss_chunk = False, 0
+    use(False, 0, False)
     return out
 
 # --- Decoding -------------------------------------------------------------------------------------

@@ -23,8 +23,9 @@ from tokenizer import GPT2_PAT, load_tokenizer, ranks_text, with_ranks
 # --- State dicts and configs: pure functions --------------------------------------------------------
 def to_hf(state_dict, cfg):
     """Our state dict + ModelConfig -> (LlamaForCausalLM state dict, config.json dict)."""
-    if (cfg.pos_emb, cfg.mlp, cfg.norm) != ("rope", "swiglu", "rmsnorm"):
-        raise ValueError(f"only Llama exports; got pos_emb={cfg.pos_emb}, mlp={cfg.mlp}, norm={cfg.norm}")
+    if (cfg.pos_emb, cfg.mlp, cfg.norm, cfg.norm_position) != ("rope", "swiglu", "rmsnorm", "pre"):
+        raise ValueError(f"only Llama exports; got pos_emb={cfg.pos_emb}, mlp={cfg.mlp}, norm={cfg.norm}, "
+                         f"norm_position={cfg.norm_position}")
     hf = {("" if name == "lm_head.weight" else "model.") + name: t for name, t in state_dict.items()}
     if cfg.tie_embeddings:
         del hf["lm_head.weight"]  # HF ties lm_head to embed_tokens again when it loads

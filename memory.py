@@ -30,15 +30,18 @@ def block_bytes(mc, amp, attention_fp32):
     C, Ckv, F, H = mc.n_embd, mc.n_kv_head * mc.head_dim, mc.ffn_hidden, mc.n_head
     a = 2 if amp else 4                     # a matmul's input or output
     att = 4 if attention_fp32 or not amp else 2
-    swiglu = mc.mlp == "swiglu"
+    gated = mc.mlp in ("swiglu", "geglu")
     # The inputs the matmuls keep for their weight gradients. Autocast casts the normed stream once per
     # matmul: q, k, v get three copies, gate and up two. In fp32 they share one tensor per sublayer.
-    matmul_inputs = a * C * ((3 + (2 if swiglu else 1)) if amp else 2)
-    attention = att * (C + 2 * Ckv) + 4 * H  # q, k, v (after RoPE) and the log-sum-exp per head
-    # its output, whose memory is already in o_proj's input layout unless it is cast for o_proj
-    attention += att * C + (a * C if att != a else 0)
-    # SwiGLU: gate, silu(gate), up and their product (down's input); GELU/SiLU: up and act(up)
-    mlp = (4 if swiglu else 2) * a * F
+    matmul_inputs = a * C * ((3 + (2 if gated else 1)) if amp else 2)
+    if mc.attention == "manual":  # q, k and v with k, v repeated to H heads, the fp32 weights (H, T), and
+        # o_proj's input (its output is kept by no one but o_proj)
+        attention = att * 3 * C + 4 * H * mc.max_seq_len + a * C
+    else:  # the fused kernel: q, k, v (after RoPE), the log-sum-exp per head, and its output, whose
+        # memory is already in o_proj's input layout unless it is cast for o_proj
+        attention = att * (C + 2 * Ckv) + 4 * H + att * C + (a * C if att != a else 0)
+    # gated: gate, act(gate), up and their product (down's input); GELU/SiLU: up and act(up)
+    mlp = (4 if gated else 2) * a * F
     return 2 * norm_bytes(mc) + matmul_inputs + attention + mlp
 
 def kept_bytes(mc, tokens, amp, attention_fp32=False, checkpointing=False, log_probs=False):
@@ -48,7 +51,8 @@ def kept_bytes(mc, tokens, amp, attention_fp32=False, checkpointing=False, log_p
     (the plan counts those with the logits)."""
     a = 2 if amp else 4
     per_block = 4 * mc.n_embd if checkpointing else block_bytes(mc, amp, attention_fp32)
-    head = 16 + norm_bytes(mc) + a * mc.n_embd + (4 * mc.vocab_size if log_probs else 0)
+    last_norm = norm_bytes(mc) if mc.norm_position == "pre" else 0  # post-norm: the last block's is the last
+    head = 16 + last_norm + a * mc.n_embd + (4 * mc.vocab_size if log_probs else 0)
     return tokens * (mc.n_layer * per_block + head)
 
 def logits_bytes(mc, amp, tokens, loss_chunk):

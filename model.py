@@ -34,7 +34,7 @@ class ModelConfig:
     n_head: int = 4
     n_kv_head: int = 2         # = n_head: multi-head; < n_head: grouped-query (GQA); 1: multi-query
     n_embd: int = 128
-    ffn_hidden: int = 0        # 0: derived (Llama's rule for swiglu, 4 * n_embd for gelu and silu)
+    ffn_hidden: int = 0        # 0: derived (Llama's rule for the gated MLPs, 4 * n_embd for gelu and silu)
     multiple_of: int = 32      # Llama rounds the derived ffn_hidden up to a multiple of this (fast matmuls)
     max_seq_len: int = 128
     rope_theta: float = 10000.0  # Llama 2: 1e4, Llama 3: 5e5
@@ -42,8 +42,10 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     pos_emb: str = "rope"      # ablations: rope | learned | none
-    mlp: str = "swiglu"        # swiglu | gelu | silu
+    mlp: str = "swiglu"        # swiglu | geglu (gated) | gelu | silu (no gate)
     norm: str = "rmsnorm"      # rmsnorm | layernorm | none
+    norm_position: str = "pre"  # pre: x + f(norm(x)) (Llama, GPT-2) | post: norm(x + f(x)) (the 2017 Transformer)
+    attention: str = "sdpa"    # sdpa: torch's fused kernel | manual: the same math written out (attention_by_hand)
 
     @property
     def head_dim(self):  # D; a property, so not a field
@@ -55,8 +57,9 @@ class ModelConfig:
                 raise ValueError(problem)
         for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "multiple_of", "max_seq_len"):
             check(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
-        for name, choices in [("pos_emb", ("rope", "learned", "none")), ("mlp", ("swiglu", "gelu", "silu")),
-                              ("norm", ("rmsnorm", "layernorm", "none"))]:
+        for name, choices in [("pos_emb", ("rope", "learned", "none")), ("mlp", ("swiglu", "geglu", "gelu", "silu")),
+                              ("norm", ("rmsnorm", "layernorm", "none")), ("norm_position", ("pre", "post")),
+                              ("attention", ("sdpa", "manual"))]:
             check(getattr(self, name) in choices, f"{name}={getattr(self, name)!r} is not one of {choices}")
         check(self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         check(self.n_head % self.n_kv_head == 0, f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
@@ -65,8 +68,8 @@ class ModelConfig:
         check(0 <= self.dropout < 1 and self.rope_theta > 0 and self.norm_eps > 0 and self.ffn_hidden >= 0,
               f"need 0 <= dropout < 1, rope_theta > 0, norm_eps > 0, ffn_hidden >= 0; got dropout={self.dropout}, "
               f"rope_theta={self.rope_theta}, norm_eps={self.norm_eps}, ffn_hidden={self.ffn_hidden}")
-        if self.ffn_hidden == 0:  # SwiGLU has 3 matrices to GELU's 2: 2/3 of 4C keeps the parameter count
-            hidden = int(2 * 4 * self.n_embd / 3) if self.mlp == "swiglu" else 4 * self.n_embd
+        if self.ffn_hidden == 0:  # a gated MLP has 3 matrices to GELU's 2: 2/3 of 4C keeps the parameter count
+            hidden = int(2 * 4 * self.n_embd / 3) if self.mlp in ("swiglu", "geglu") else 4 * self.n_embd
             self.ffn_hidden = self.multiple_of * math.ceil(hidden / self.multiple_of)
 
 # --- Normalization --------------------------------------------------------------------------------
@@ -118,6 +121,24 @@ class KVCache:
         self.k[:, :, pos:pos + T], self.v[:, :, pos:pos + T] = k, v
         return self.k[:, :, :pos + T], self.v[:, :, :pos + T]   # (B, Hkv, pos+T, D) each
 
+def attention_by_hand(q, k, v, mask=None, causal=False, dropout=0.0):
+    """What F.scaled_dot_product_attention computes, written out (--attention=manual): every query's
+    scores against every key, scaled by 1/sqrt(D), masked, softmaxed in fp32, then the values summed
+    by those weights. q (B, H, T, D); k, v (B, Hkv, S, D); mask (T, S), True where a query may look."""
+    B, H, T, D = q.size()
+    S = k.size(2)
+    k = k.repeat_interleave(H // k.size(1), dim=1)                      # (B, H, S, D): each group's K/V head
+    v = v.repeat_interleave(H // v.size(1), dim=1)                      # (B, H, S, D)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(D)                     # (B, H, T, S)
+    if causal:  # query t sees keys 0..t
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))               # the future gets weight 0
+    weights = F.softmax(scores.float(), dim=-1).type_as(q)              # (B, H, T, S), each row sums to 1
+    if dropout:
+        weights = F.dropout(weights, dropout)
+    return weights @ v                                                  # (B, H, T, D)
+
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -126,7 +147,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
-        self.dropout, self.use_rope = cfg.dropout, cfg.pos_emb == "rope"
+        self.dropout, self.use_rope, self.by_hand = cfg.dropout, cfg.pos_emb == "rope", cfg.attention == "manual"
         self.cache = None  # a KVCache while generate() runs
 
     def forward(self, x, cos, sin, pos):
@@ -151,11 +172,14 @@ class Attention(nn.Module):
         cpu_amp = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
         if cpu_amp:
             q, k, v = q.float(), k.float(), v.float()
+        dropout = self.dropout if self.training else 0.0
         # enable_gqa: each group of H/Hkv query heads reads its K/V head in place (HF's repeat_kv copies).
         with torch.autocast("cpu", enabled=False) if cpu_amp else nullcontext():
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                               dropout_p=self.dropout if self.training else 0.0,
-                                               enable_gqa=self.n_kv_head != self.n_head)  # (B, H, T, D)
+            if self.by_hand:
+                y = attention_by_hand(q, k, v, mask, causal, dropout)                   # (B, H, T, D)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout,
+                                                   enable_gqa=self.n_kv_head != self.n_head)  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)       # (B, T, C)
         return self.o_proj(y)
 
@@ -164,19 +188,21 @@ class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.act = cfg.mlp
-        if self.act == "swiglu":  # the gate (Shazeer 2020, "GLU Variants Improve Transformer")
+        if self.act in ("swiglu", "geglu"):  # the gate (Shazeer 2020, "GLU Variants Improve Transformer")
             self.gate_proj = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
         self.up_proj = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=False)
 
     def forward(self, x):
-        if self.act == "swiglu":
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        act = F.gelu if self.act == "gelu" else F.silu  # ablations: GPT-2's MLP, or one without a gate
-        return self.down_proj(act(self.up_proj(x)))
+        act = F.silu if self.act in ("swiglu", "silu") else F.gelu  # SiLU (Swish-1) or GELU (exact, as GPT-2's)
+        if self.act in ("swiglu", "geglu"):  # the activated gate scales the up projection, channel by channel
+            return self.down_proj(act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(act(self.up_proj(x)))  # ablations without a gate: GPT-2's MLP, or SiLU's
 
 class Block(nn.Module):
-    """Pre-norm residual block: each sublayer reads a normalized copy and adds to the stream."""
+    """A residual block. Pre-norm (Llama, GPT-2): each sublayer reads a normalized copy of the stream
+    and adds to it. Post-norm (the 2017 Transformer): each sublayer reads the stream, and the sum is
+    normalized; the same two norms, applied after the adds."""
     def __init__(self, cfg):
         super().__init__()
         self.input_layernorm = make_norm(cfg)
@@ -184,8 +210,12 @@ class Block(nn.Module):
         self.post_attention_layernorm = make_norm(cfg)
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.post_norm = cfg.norm_position == "post"
 
     def forward(self, x, cos, sin, pos):
+        if self.post_norm:
+            x = self.input_layernorm(x + self.dropout(self.self_attn(x, cos, sin, pos)))
+            return self.post_attention_layernorm(x + self.dropout(self.mlp(x)))
         x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, pos))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
@@ -199,7 +229,8 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.n_embd) if cfg.pos_emb == "learned" else None
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = make_norm(cfg)
+        # pre-norm's stream is never normalized as a whole until here; post-norm's last block ends with a norm
+        self.norm = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:  # one (V, C) matrix both embeds and unembeds (GPT-2, small Llamas)
             self.lm_head.weight = self.embed_tokens.weight

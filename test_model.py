@@ -158,11 +158,12 @@ def test_ignore_index_and_inference_logits():
     assert torch.allclose(last[:, 0], logits[:, -1], atol=1e-6)
 
 @pytest.mark.parametrize("pos_emb", ["rope", "learned", "none"])
-@pytest.mark.parametrize("mlp", ["swiglu", "gelu", "silu"])
+@pytest.mark.parametrize("mlp", ["swiglu", "geglu", "gelu", "silu"])
 @pytest.mark.parametrize("norm", ["rmsnorm", "layernorm", "none"])
 def test_ablations_run_forward_and_backward(pos_emb, mlp, norm):
     torch.manual_seed(0)
-    model = Transformer(tiny_config(pos_emb=pos_emb, mlp=mlp, norm=norm, dropout=0.1))
+    model = Transformer(tiny_config(pos_emb=pos_emb, mlp=mlp, norm=norm, dropout=0.1,
+                                    norm_position="post" if mlp == "geglu" else "pre"))
     idx = torch.randint(0, 96, (2, 16))
     block, x = model.layers[0], torch.randn(2, 5, 32)
     act = {"gelu": F.gelu, "silu": F.silu}.get(mlp)
@@ -176,9 +177,69 @@ def test_ablations_run_forward_and_backward(pos_emb, mlp, norm):
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
     assert model.generate(idx[:, :4], 6, temperature=0).shape == (2, 10)
-    if (pos_emb, mlp, norm) != ("rope", "swiglu", "rmsnorm"):
+    if (pos_emb, mlp, norm, model.config.norm_position) != ("rope", "swiglu", "rmsnorm", "pre"):
         with pytest.raises(ValueError, match="only Llama exports"):
             to_hf(model.state_dict(), model.config)
+
+# --- The seeds' ablations, checked by hand ------------------------------------------------------------
+def test_geglu_is_a_gelu_gated_mlp_of_swiglus_size():
+    model = random_model(mlp="geglu")
+    mlp, x = model.layers[0].mlp, torch.randn(2, 5, 32)
+    wg, wu, wd = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight  # (F, C), (F, C), (C, F)
+    gate = x @ wg.T
+    gelu = 0.5 * gate * (1 + torch.erf(gate / math.sqrt(2)))  # GELU's definition, the exact one
+    assert torch.allclose(mlp(x), (gelu * (x @ wu.T)) @ wd.T, atol=1e-6)
+    # the width rule of SwiGLU (2/3 of 4C, rounded up), so the two gated MLPs and the two plain ones
+    # (4C, two matrices) have the same parameters to within the rounding
+    # (n_embd 96: 2/3 of 4C is 256 exactly, so the four are equal to the parameter)
+    sizes = {mlp: Transformer(tiny_config(mlp=mlp, n_embd=96, multiple_of=8)).num_params(embeddings=False)
+             for mlp in ("swiglu", "geglu", "gelu", "silu")}
+    assert len(set(sizes.values())) == 1, sizes
+
+def test_post_norm_normalizes_after_each_residual_add():
+    model = random_model(norm_position="post", n_layer=2)
+    block, x = model.layers[0], torch.randn(2, 6, 32)
+    cos, sin = model.rope_cos[:6], model.rope_sin[:6]
+
+    def rms(t, w):  # RMSNorm by hand: t / sqrt(mean(t^2) + eps) * w
+        return t / torch.sqrt(t.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+    h = rms(x + block.self_attn(x, cos, sin, 0), block.input_layernorm.weight)  # attention reads x itself
+    expected = rms(h + block.mlp(h), block.post_attention_layernorm.weight)
+    assert torch.allclose(block(x, cos, sin, 0), expected, atol=1e-5)
+    # the last block ends with a norm: no second one before the head
+    assert isinstance(model.norm, torch.nn.Identity) and "norm.weight" not in model.state_dict()
+    idx = torch.randint(0, 96, (2, 8))
+    h = model.embed_tokens(idx)
+    for layer in model.layers:
+        h = layer(h, model.rope_cos[:8], model.rope_sin[:8], 0)
+    assert torch.allclose(full_logits(model, idx), model.lm_head(h), atol=1e-5)
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_attention_written_out_equals_sdpa_with_gradients_and_the_cache(n_kv_head):
+    fused = random_model(n_kv_head=n_kv_head)
+    manual = random_model(n_kv_head=n_kv_head, attention="manual")
+    manual.load_state_dict(fused.state_dict())
+    idx = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))
+    for model in (fused, manual):
+        model.zero_grad()
+        model(idx, idx)[1].backward()
+    assert (full_logits(fused, idx) - full_logits(manual, idx)).abs().max() <= 1e-5
+    for (name, a), b in zip(fused.named_parameters(), manual.parameters()):
+        assert (a.grad - b.grad).abs().max() <= 1e-5, name
+    # decoding: the prefill's causal triangle, one-token steps, and past the context the cache
+    # restarting from a block after cached keys (the shifted triangle)
+    prompt = idx[:, :9]
+    assert torch.equal(fused.generate(prompt, 70, temperature=0), manual.generate(prompt, 70, temperature=0))
+    chunks = []  # and a block of 5 after 9 cached positions: the triangle shifted right by them
+    with torch.no_grad():
+        for model in (fused, manual):
+            for layer in model.layers:
+                layer.self_attn.cache = KVCache(max_len=20)
+            model(prompt)
+            chunks.append(model(idx[:, 9:14], targets=torch.zeros_like(idx[:, 9:14]), pos=9)[0])
+            for layer in model.layers:
+                layer.self_attn.cache = None
+    assert (chunks[0] - chunks[1]).abs().max() <= 1e-5
 
 def test_parameter_count_and_flops_against_hand_count():
     for tie in (False, True):

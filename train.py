@@ -148,8 +148,9 @@ MODEL_HELP = {  # --help for ModelConfig's fields (model.py says the same in com
     "rope_theta": "RoPE base (Llama 2: 1e4, Llama 3: 5e5)", "norm_eps": "RMSNorm epsilon",
     "tie_embeddings": "one matrix for the token embedding and the output head",
     "dropout": "attention and residual dropout (0 for pretraining)",
-    "pos_emb": "ablation: rope, learned or none", "mlp": "ablation: swiglu, gelu or silu (no gate)",
-    "norm": "ablation: rmsnorm, layernorm or none",
+    "pos_emb": "ablation: rope, learned or none", "mlp": "ablation: swiglu, geglu, or gelu or silu (no gate)",
+    "norm": "ablation: rmsnorm, layernorm or none", "norm_position": "ablation: pre (Llama) or post (2017)",
+    "attention": "sdpa (fused) or manual (the same math written out, for reading)",
 }
 
 # --- The run --------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def test_the_two_models_agree_and_the_limits_are_fractions():
 @pytest.mark.slow
 def test_the_memory_plan_holds_against_the_bytes_kept():
     report = bench("--sections=memory")
-    for variant in ("plain", "checkpointing", "chunked_loss", "both"):  # the plan within 10 % of the bytes kept
+    for variant in ("plain", "checkpointing", "chunked_loss", "both", "manual_attention"):  # plan within 10 %
         assert 0.9 < report["memory"][variant]["measured_over_planned"] < 1.1, report["memory"]
     assert report["memory"]["both"]["saved_mb"] < report["memory"]["plain"]["saved_mb"] / 2
 

@@ -14,7 +14,8 @@ from muon import Muon
 
 @pytest.mark.parametrize("amp", [False, True])
 @pytest.mark.parametrize("shape", [dict(n_kv_head=2), dict(n_kv_head=4, tie_embeddings=True, n_embd=64),
-                                   dict(n_kv_head=4, mlp="gelu", norm="layernorm", pos_emb="learned")])
+                                   dict(n_kv_head=4, mlp="gelu", norm="layernorm", pos_emb="learned"),
+                                   dict(mlp="geglu", norm_position="post"), dict(attention="manual")])
 def test_the_activation_plan_is_the_bytes_saved_for_backward(amp, shape):
     torch.manual_seed(0)
     model = Transformer(tiny_config(n_layer=3, **shape))
