@@ -137,13 +137,16 @@ def summary(ours, theirs, tokens):
     return out
 
 # --- Models ---------------------------------------------------------------------------------------
-def build_models(cfg, device):
-    """Our Transformer and, if transformers is installed, the same weights in LlamaForCausalLM."""
+def build_models(cfg, device, with_hf=True):
+    """Our Transformer and, if transformers is installed (and with_hf: the sections that race it),
+    the same weights in LlamaForCausalLM."""
     torch.manual_seed(cfg.seed)
     mcfg = ModelConfig(vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                        n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd, multiple_of=256, tie_embeddings=False,
                        max_seq_len=max(cfg.seq_len, cfg.decode_prompt_len + cfg.decode_new_tokens))
     ours = Transformer(mcfg).to(device)
+    if not with_hf:
+        return ours, None
     try:
         import transformers
     except ImportError:
@@ -338,7 +341,7 @@ def bench_limit(cfg, ours, device):
     flops_per_step = ours.flops_per_token(cfg.seq_len) * cfg.batch_size * cfg.seq_len
     result = {}
     for name, dtype in dtypes.items():
-        peak = matmul_flops(device, dtype)
+        peak = matmul_flops(device, dtype, n=2048)
         achieved = flops_per_step / statistics.median(secs[name])
         result[name] = {"peak_matmul_gflops": round(peak / 1e9, 1), "train_gflops": round(achieved / 1e9, 1),
                         "fraction_of_peak": float(f"{achieved / peak:.3g}")}
@@ -430,7 +433,7 @@ def main(argv):
     dtype = getattr(torch, cfg.dtype)
     amp = autocast(device, dtype)  # as train.py does it: fp32 weights, autocast around forward and loss
     try:
-        ours, theirs = build_models(cfg, device)
+        ours, theirs = build_models(cfg, device, with_hf=bool({"train", "decode"} & set(sections)))
     except ValueError as e:  # ModelConfig's message names the bad value
         die(str(e))
     report = {"config": asdict(cfg), "device": torch.cuda.get_device_name(device)

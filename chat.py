@@ -3,6 +3,9 @@ The chat format, in one place: conversations -> token ids and a loss mask. prepa
 training data with it, sample.py --chat renders prompts with it, and export.py writes it as the jinja
 template that transformers' apply_chat_template renders to the same ids.
 
+Preference pairs (prepare.py --preferences, for DPO) are two such conversations that differ in
+their last reply; their masks cover that reply only.
+
 The layout is ChatML's (used by Qwen and by many fine-tuning sets), after the end-of-text token that
 starts every document here:
 
@@ -13,6 +16,8 @@ starts every document here:
 roles are plain text. The loss mask is 1 on the tokens the model must learn to write: an assistant's
 content and its <|im_end|>, which is how a reply ends.
 """
+import re
+
 from common import die
 
 TURN_START, TURN_END = "<|im_start|>", "<|im_end|>"
@@ -83,3 +88,42 @@ def render(enc, messages, reply=False):
         ids += [start, *enc.encode_ordinary("assistant\n")]
         mask += [0] * (len(ids) - len(mask))
     return ids, mask
+
+def preference(row, where):
+    """The two conversations of a preference row, the same up to their last turn, the assistant's:
+    (chosen, rejected). Rows as the public sets write them: {"chosen", "rejected"} as whole
+    "\\n\\nHuman: ... \\n\\nAssistant: ..." transcripts (Anthropic HH), as message lists that hold the
+    prompt too (UltraFeedback binarized), or as replies to a "prompt" (text) or "messages" (a list)."""
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        pair = chosen, rejected
+    elif isinstance(chosen, str) and isinstance(rejected, str) and ("prompt" in row or "messages" in row):
+        context = row.get("messages")
+        if not isinstance(context, list):
+            context = [{"role": "user", "content": row.get("prompt")}]
+        pair = [context + [{"role": "assistant", "content": reply}] for reply in (chosen, rejected)]
+    elif isinstance(chosen, str) and isinstance(rejected, str):
+        pair = transcript(chosen), transcript(rejected)
+    else:
+        die(f"{where}: no preference pair; a row needs \"chosen\" and \"rejected\" (texts with a \"prompt\" or "
+            f"\"messages\", whole transcripts, or message lists); it has {', '.join(map(repr, row)) or 'nothing'}")
+    chosen, rejected = (conversation({"messages": messages}, where) for messages in pair)
+    if chosen[:-1] != rejected[:-1] or chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+        die(f"{where}: chosen and rejected must be one conversation that ends in two different assistant replies")
+    return chosen, rejected
+
+def transcript(text):
+    """Messages of an Anthropic HH transcript: turns after "\\n\\nHuman: " and "\\n\\nAssistant: "."""
+    parts = re.split(r"\n\n(Human|Assistant): ", "\n\n" + text.lstrip("\n"))
+    return [{"role": "user" if speaker == "Human" else "assistant", "content": content.strip()}
+            for speaker, content in zip(parts[1::2], parts[2::2])]
+
+def render_reply(enc, messages):
+    """(ids, mask) of a conversation with the mask on its last reply only (and its <|im_end|>): what a
+    preference compares. Each reply's mask is a run of ones that its turn's closing newline ends."""
+    ids, mask = render(enc, messages)
+    last = max(i for i, m in enumerate(mask) if m)
+    first = last
+    while first > 0 and mask[first - 1]:
+        first -= 1
+    return ids, [0] * first + mask[first:]

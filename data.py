@@ -56,12 +56,17 @@ def load_meta(folder):
              f'"loss_mask" of {split} (one mask file per shard, as long as it)')
         if not files[split, "bin"]:
             die(f"{path} lists no {split} shards; re-run prepare.py with --val-fraction > 0")
+    for split, entry in meta.get("pairs", {}).items() if isinstance(meta.get("pairs"), dict) else []:
+        need(isinstance(entry, dict) and isinstance(entry.get("pairs"), int) and len(files[split, "bin"]) == 1,
+             f'"pairs" of {split} ({{"file", "pairs"}} beside one shard)')
+        files[split, "pairs"] = [(file_in(folder, entry.get("file"), path), entry["pairs"])]
     for (split, kind), entries in files.items():
         for file, n in entries:
+            each = {"bin": itemsize, "mask": 1, "pairs": 24}[kind]  # pairs: three int64 each
             size = os.path.getsize(file) if os.path.isfile(file) else -1
-            if size != n * (itemsize if kind == "bin" else 1):
-                die(f"{file} has {size} bytes but meta.json says {n} tokens of {itemsize if kind == 'bin' else 1} "
-                    "byte(s): the file is missing, truncated or corrupt; re-run prepare.py")
+            if size != n * each:
+                die(f"{file} has {size} bytes but meta.json says {n} entries of {each} byte(s): the file is missing, "
+                    "truncated or corrupt; re-run prepare.py")
     return meta
 
 def data_sources(data):
@@ -164,6 +169,9 @@ class Mixture:
     BLOCK = 1000
 
     def __init__(self, meta, split, seq_len, seed):
+        for folder, _, m in meta["sources"]:
+            if "pairs" in m:
+                die(f"{folder} holds preference pairs: train on them with --objective=dpo")
         self.names = [folder for folder, _, _ in meta["sources"]]
         self.weights = [weight for _, weight, _ in meta["sources"]]
         self.windows = [TokenWindows(folder, m, split, seq_len) for folder, _, m in meta["sources"]]

@@ -67,6 +67,7 @@ def evaluate_val(model, val, enc, cfg, rt):
     results = [evaluate_loss(model, windows, cfg, rt, nbytes) for windows in val.windows]
     record = {"val_loss": sum(w * loss for w, (loss, _) in zip(val.weights, results)),
               "val_bpb": sum(w * bpb for w, (_, bpb) in zip(val.weights, results))}
+    record["val_ppl"] = perplexity(record["val_loss"])
     if len(results) > 1:
         record |= {f"val_loss[{name}]": loss for name, (loss, _) in zip(val.names, results)}
     return record
@@ -100,7 +101,6 @@ def evaluate_only(cfg, model, ckpt, meta, rt):
     record = {"step": ckpt["step"], "eval_only": cfg.ckpt}
     if meta is not None:
         record |= evaluate_val(model, Mixture(meta, "val", model.config.max_seq_len, cfg.seed), enc, cfg, rt)
-        record["val_ppl"] = perplexity(record["val_loss"])
     T = model.config.max_seq_len
     if items:
         record |= hellaswag.evaluate(model, enc, items, rt.device, rt.amp, T, rt.rank, rt.world)

@@ -20,7 +20,7 @@ def cpu_has_bf16():
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
-def matmul_flops(device, dtype, n=2048, repeats=3):
+def matmul_flops(device, dtype, n=1024, repeats=3):
     """Measured peak matmul FLOP/s of device in dtype: the best of a few n x n products. A CPU without
     native bf16 emulates it ~50x slower than fp32 (measured on an AVX2-only EPYC): its peak is fp32's,
     and timing the emulation would take minutes."""

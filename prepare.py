@@ -21,6 +21,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import random
 import re
 import shlex
 import shutil
@@ -66,6 +67,11 @@ PRESETS = {  # each writes the folder that train.py's preset for the corpus read
     "shakespeare_chat": dict(input=["https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"],
                              chat=True, tokenizer="data/shakespeare", val_fraction=0.1,
                              out="data/shakespeare_chat"),
+    # preference pairs from the play for the DPO demo: a speech, the next one as the chosen reply, a
+    # speech from elsewhere as the rejected one; the chat data's tokenizer, chat tokens included
+    "shakespeare_dpo": dict(input=["https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"],
+                            preferences=True, tokenizer="data/shakespeare_chat", val_fraction=0.05,
+                            out="data/shakespeare_dpo"),
 }
 PRESETS_HELP = "presets (values replace the defaults above; flags given win; no source given: shakespeare):\n" \
     + "\n".join(f"  {name}: " + " ".join(f"{flag(k)} {shlex.join(v if isinstance(v, list) else [str(v)])}"
@@ -86,6 +92,9 @@ class PrepareConfig:
                              "prepare.py whose tokenizer to use, or hf:DIR, a Hugging Face model's (byte-level BPE)")
     chat: bool = setting(False, "rows are conversations (\"messages\", or \"instruction\" + \"output\"); "
                          "render them with chat.py's template and write a loss mask; a .txt is a play")
+    preferences: bool = setting(False, "rows are preference pairs (\"chosen\" and \"rejected\", with a \"prompt\" "
+                                "or \"messages\", or as whole conversations) for DPO; a .txt play gives the true "
+                                "answer as chosen, a speech from elsewhere as rejected")
     vocab_size: int = setting(0, "train a byte-level BPE of N >= 256 tokens, eot = N (0: use --tokenizer)")
     bpe_train_chars: int = setting(10_000_000, "train the BPE on the first this many characters of the corpus")
     dtype: str = setting("auto", "token dtype: auto (uint16 if the vocabulary fits, else uint32), uint16, uint32")
@@ -99,6 +108,7 @@ class PrepareConfig:
         if self.separator:  # a shell passes '\n' as two characters
             self.separator = self.separator.replace("\\n", "\n").replace("\\t", "\t")
         check(bool(self.dataset) != bool(self.input), "give one source: --dataset, --input or --preset")
+        self.chat = self.chat or self.preferences  # pairs are two conversations each
         check(not (self.chat and self.separator), "--chat reads conversations; drop --separator")
         check(self.vocab_size == 0 or 256 <= self.vocab_size <= 1 << 20, f"--vocab-size {self.vocab_size}: a "
               "byte-level BPE has 256 (the bytes) to 1,048,576 tokens; 0 uses --tokenizer")
@@ -276,7 +286,7 @@ def play_rows(path: str, stats: dict):
         speeches = [block.strip() for block in f.read().split("\n\n") if block.strip()]
     for i in range(0, len(speeches) - 1, 2):
         yield {"messages": [{"role": "user", "content": speeches[i]},
-                            {"role": "assistant", "content": speeches[i + 1]}]}
+                            {"role": "assistant", "content": speeches[i + 1]}], "speeches": speeches}
     stats["unanswered_speeches"] += len(speeches) % 2  # an odd last speech has no reply: said in a note
 
 def reused_tokenizer(folder: str):
@@ -288,14 +298,30 @@ def reused_tokenizer(folder: str):
         die(f"--tokenizer {folder}: no tokenizer of a folder written by prepare.py there ({one_line(e)})")
     return spec, ranks
 
-def conversations(cfg: PrepareConfig, files: list[str], stats: dict):
-    """--chat: the messages of each conversation in the corpus, checked by chat.conversation."""
+def chat_rows(cfg: PrepareConfig, files: list[str], stats: dict):
+    """--chat, --preferences: (where, row) of every row of the corpus; a .txt file is a play."""
+    play = play_pairs if cfg.preferences else play_rows
     sources = [(f"dataset {cfg.dataset!r}", dataset_rows(cfg))] if cfg.dataset else []
-    sources += [(path, play_rows(path, stats) if path.endswith(".txt") else dataset_rows(cfg, path)
+    sources += [(path, play(path, stats) if path.endswith(".txt") else dataset_rows(cfg, path)
                  if path.endswith(".parquet") else read_json(path, stats)) for path in files]
     for where, rows in sources:
         for i, row in enumerate(rows):
-            yield chat.conversation(row, f"{where} row {i + 1}")
+            yield f"{where} row {i + 1}", row
+
+def conversations(cfg: PrepareConfig, files: list[str], stats: dict):
+    """--chat: the messages of each conversation in the corpus (both of a pair's), checked by chat.py."""
+    for where, row in chat_rows(cfg, files, stats):
+        yield from chat.preference(row, where) if cfg.preferences else [chat.conversation(row, where)]
+
+def play_pairs(path: str, stats: dict):
+    """A play as preference pairs: a speech, the next one as the chosen answer, and a speech drawn
+    from anywhere else in the play (seeded: the same every time) as the rejected one."""
+    rng = random.Random(0)
+    for row in play_rows(path, stats):
+        speech, answer = (m["content"] for m in row["messages"])
+        while (other := rng.choice(row["speeches"])) in (speech, answer):
+            pass
+        yield {"prompt": speech, "chosen": answer, "rejected": other}
 
 def bpe_sample(cfg: PrepareConfig, files: list[str]):
     """The first bpe_train_chars characters of the corpus: BPE training time must not grow with the corpus."""
@@ -401,7 +427,7 @@ def move_tail(train: ShardWriter, val: ShardWriter, n: int, eot: int):
     train.documents -= val.documents
 
 # --- The run --------------------------------------------------------------------------------------
-DATASET_FILE = re.compile(r"((train|val)_\d+\.(bin|mask)|meta\.json|tokenizer\.tiktoken)(\.tmp)?")  # .tmp: older runs'
+DATASET_FILE = re.compile(r"((train|val)_(\d+\.(bin|mask)|pairs\.bin)|meta\.json|tokenizer\.tiktoken)(\.tmp)?")  # .tmp: older runs'
 
 def open_output(out: Path, settings: dict, force: bool) -> tuple[Path, Path]:
     """Lock out; check that it may be replaced -> (out with symlinks resolved, a new empty folder beside it)."""
@@ -473,7 +499,8 @@ def prepare(cfg: PrepareConfig, command: str) -> dict:
         if cfg.vocab_size:
             spec, enc, vocab_size = train_tokenizer(cfg, files, spec, partial)
             dtype = cfg.dtype if cfg.dtype != "auto" else "uint16" if vocab_size <= 1 << 16 else "uint32"
-        train, val, masks, val_split = write_splits(cfg, enc, files, partial, dtype, stats, source)
+        write = write_pairs if cfg.preferences else write_splits
+        train, val, masks, val_split = write(cfg, enc, files, partial, dtype, stats, source)
         meta = {
             "format": "llama-shards-v1", "tokenizer": spec,
             "tokenizer_fingerprint": tokenizer.tokenizer_fingerprint(enc), "vocab_size": vocab_size,
@@ -483,6 +510,8 @@ def prepare(cfg: PrepareConfig, command: str) -> dict:
             "tokens": {"train": train.tokens(), "val": val.tokens()},
             **({"loss_mask": {split: masks[split].shards for split in ("train", "val")},
                 "chat_template": "chatml"} if cfg.chat else {}),
+            **({"pairs": {split: {"file": f"{split}_pairs.bin", "pairs": masks[split].pairs}
+                          for split in ("train", "val")}} if cfg.preferences else {}),
             "val_split": val_split, "source": source, "files": len(files), "command": command,
             **{key: stats[key] for key in ("replaced_bytes", "rows_without_text", "rows_with_empty_text")},
             "config": settings,
@@ -557,6 +586,32 @@ def write_splits(cfg: PrepareConfig, enc, files: list[str], folder: Path, dtype:
     for shards in (train, val, *masks.values()):
         shards.close()
     return train, val, masks, val_split
+
+def write_pairs(cfg: PrepareConfig, enc, files: list[str], folder: Path, dtype: str, stats: dict, source: str):
+    """--preferences: each pair's chosen and then rejected conversation into one split's shard (every
+    k-th pair to val), their masks on the two replies, and <split>_pairs.bin: (start, chosen tokens,
+    rejected tokens) per pair, int64 -> as write_splits (masks[split].pairs: the split's pair count)."""
+    k = round(1 / cfg.val_fraction) if cfg.val_fraction else 0
+    shards = {split: ShardWriter(folder, split, dtype, cfg.shard_tokens) for split in ("train", "val")}
+    masks = {split: ShardWriter(folder, split, "uint8", cfg.shard_tokens, ".mask") for split in ("train", "val")}
+    index = {"train": [], "val": []}
+    for n, (chosen, rejected) in enumerate(chat.preference(row, where) for where, row in chat_rows(cfg, files, stats)):
+        split = "val" if k and n % k == k - 1 else "train"
+        (a, mask_a), (b, mask_b) = chat.render_reply(enc, chosen), chat.render_reply(enc, rejected)
+        index[split].append((shards[split].tokens(), len(a), len(b)))
+        shards[split].write(np.array(a + b, dtype), documents=2)
+        masks[split].write(np.array(mask_a + mask_b, np.uint8))
+    if not index["train"] or (k and not index["val"]):
+        die(f"{len(index['train']) + len(index['val'])} preference pair(s) in {source} are too few for a train and a "
+            "val split; give more, or a larger --val-fraction")
+    for split in ("train", "val"):
+        if len(shards[split].shards) > 1:  # a pair must not straddle two shards
+            die(f"the {split} pairs hold more than --shard-tokens {cfg.shard_tokens:,} tokens; raise it")
+        shards[split].close()
+        masks[split].close()
+        np.array(index[split], dtype="<i8").reshape(-1, 3).tofile(folder / f"{split}_pairs.bin")
+        masks[split].pairs = len(index[split])
+    return shards["train"], shards["val"], masks, f"pairs i with i % {k} == {k - 1}, counting from 0" if k else "none"
 
 def print_notes(cfg: PrepareConfig, stats: dict):
     """What was replaced or skipped on the way, so that nothing is lost without a word."""

@@ -21,6 +21,11 @@ PRESETS = {
     "shakespeare_chat": dict(init_from="out/shakespeare/best.pt", data="data/shakespeare_chat",
                              out_dir="out/shakespeare_chat", batch_size=16, max_iters=200, optimizer="adamw",
                              lr=1e-3, warmup_iters=20, eval_every=100, eval_batches=10),
+    # Then teach it to prefer the true next speech over one from elsewhere in the play (DPO, dpo.py) on
+    # data/shakespeare_dpo (prepare.py's preset), from out/shakespeare_chat/best.pt.
+    "shakespeare_dpo": dict(init_from="out/shakespeare_chat/best.pt", data="data/shakespeare_dpo",
+                            out_dir="out/shakespeare_dpo", objective="dpo", beta=0.1, batch_size=8, max_iters=150,
+                            optimizer="adamw", lr=1e-4, warmup_iters=15, eval_every=50, eval_batches=8),
     # lilLM (39M): vocab 8192 (its own BPE on OpenWebText), d512, 12 layers, 16 query / 8 kv heads,
     # seq 512, tied embeddings; ~8B tokens.
     "lillm_39m": dict(vocab_size=8192, n_layer=12, n_head=16, n_kv_head=8, n_embd=512, multiple_of=64,

@@ -70,10 +70,12 @@ class RunLog:
         """The loop begins: tokens/s, MFU and the ETA count from here."""
         self.t_start = self.t_log = time.time()
         self.start_step, self.tokens_at_log, self.pace_from = step, tokens, None
-        self.max_iters, self.flops_per_token, self.world, self.peak_flops = max_iters, flops_per_token, world, peak_flops
+        self.max_iters, self.flops_per_token = max_iters, flops_per_token
+        self.world, self.peak_flops = world, peak_flops
 
-    def step(self, step, tokens, loss, lr, grad_norm, news=()):
-        """The line of a training step: loss, lr, grad norm, tokens/s, MFU, ETA; and its record."""
+    def step(self, step, tokens, loss, lr, grad_norm, news=(), extra=None):
+        """The line of a training step: loss, lr, grad norm, tokens/s, MFU, ETA, the objective's own
+        figures (extra: DPO's rewards); and its record."""
         now = time.time()
         tok_s = (tokens - self.tokens_at_log) / (now - self.t_log)
         # The ETA from the pace since the first log line, evaluations included: steadier than one
@@ -84,17 +86,18 @@ class RunLog:
         mfu = self.flops_per_token * tok_s / self.world / self.peak_flops if self.peak_flops else None
         self.print(f"step {step}/{self.max_iters} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
                    f"{tok_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu is not None else "") +
+                   "".join(f" | {k.replace('_', ' ')} {v:.3f}" for k, v in (extra or {}).items()) +
                    f" | ETA {minutes(eta)}" + "".join(f"\ndata    {line}" for line in news))
         self.record({"step": step, "tokens": tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                     "tokens_per_s": tok_s, "mfu": mfu, "time": now})
+                     "tokens_per_s": tok_s, "mfu": mfu, "time": now, **(extra or {})})
         self.t_log, self.tokens_at_log = now, tokens
 
     def evaluation(self, record):
         """The line of an evaluation (loss, perplexity, bits per byte, HellaSwag, each source's loss),
         its record, and its samples, indented under their prompts."""
         record["elapsed"] = time.time() - self.t_start  # seconds since the loop began (bench.py reads it)
-        shown = ("val_bpb", "hellaswag_acc", "val_loss[")
-        self.print(f"eval step {record['step']} | val loss {record['val_loss']:.4f} | ppl {record['val_ppl']:.2f} | " +
+        shown = ("val_ppl", "val_bpb", "hellaswag_acc", "val_loss[", "val_accuracy", "val_margin", "val_chosen")
+        self.print(f"eval step {record['step']} | val loss {record['val_loss']:.4f} | " +
                    " | ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(shown)))
         self.record(record)
         for prompt, text in record.get("samples", {}).items():
@@ -134,7 +137,8 @@ def print_plan(log, cfg, model, rt, plan, data=None, start_step=0, init_note=Non
     if data is None:
         log.print(f"data    {cfg.data}: not read (--dry-run)")
     train, val, tokenizer = data or (None, None, None)
-    for name, weight, windows, val_windows in zip(train.names, train.weights, train.windows, val.windows) if data else []:
+    sources = zip(train.names, train.weights, train.windows, val.windows) if data else []
+    for name, weight, windows, val_windows in sources:
         share = f" ({weight:.0%} of the batches)" if len(train.names) > 1 else ""
         log.print(f"data    {name}{share}: {windows.n * T / 1e6:,.2f}M train tokens, "
                   f"{val_windows.n * T / 1e6:,.2f}M val, tokenizer {tokenizer['name']}; "

@@ -41,12 +41,13 @@ from checkpoint import check_resume, hf_as_checkpoint, load_checkpoint, load_pre
 from common import (autocast, check, die, flag, lock, parse_config, parse_flags, pick_device, pick_dtype,
                     run_main, setting)
 from data import Mixture, data_sources, load_data, tokenizer_of
+from dpo import DPO, Pairs
 from evaluate import evaluate_only, evaluate_val, samples
 from hardware import gpu_peak_flops, matmul_flops
 from model import LOSS_CHUNK, ModelConfig, Transformer
 from muon import Muon
 from presets import HELP as PRESETS_HELP, PRESETS
-from report import RunLog, perplexity, plot_run, print_plan, print_summary
+from report import RunLog, plot_run, print_plan, print_summary
 
 # --- Settings -------------------------------------------------------------------------------------
 @dataclass
@@ -89,6 +90,9 @@ class TrainConfig:
     eval_every: int = setting(125, "steps between evaluations and checkpoints (and one at the end)")
     eval_batches: int = setting(10, "the fixed validation set: eval_batches * batch_size sequences")
     log_every: int = setting(10, "steps between log lines")
+    objective: str = setting("lm", "lm: next-token loss (pretraining, chat fine-tuning); dpo: preference pairs "
+                             "(prepare.py --preferences), from --init-from's model (dpo.py)")
+    beta: float = setting(0.1, "DPO's beta: how far from the reference model the preferences may pull")
     sample_tokens: int = setting(100, "print a sample this long at each evaluation; 0 = none")
     sample_prompts: str = setting("", "prompts to complete at each evaluation, step 0 included, split by |, e.g. "
                                   "'HTML stands for|life is about'; empty: one sample from a new document")
@@ -119,10 +123,11 @@ class TrainConfig:
     def __post_init__(self):
         check(not self.preset or self.preset in PRESETS,
               f"unknown --preset={self.preset}; choose one of {', '.join(PRESETS)}")
-        for name, choices in [("dtype", ("auto", "float32", "bfloat16", "float16")), ("compile", ("auto", "true", "false")),
-                              ("optimizer", ("muon", "adamw")), ("parallel", ("ddp", "fsdp")),
-                              ("hellaswag_style", ("nanogpt", "lm-eval"))]:
-            check(getattr(self, name) in choices, f"{flag(name)}={getattr(self, name)} must be one of {', '.join(choices)}")
+        for name, choices in [("dtype", ("auto", "float32", "bfloat16", "float16")), ("optimizer", ("muon", "adamw")),
+                              ("compile", ("auto", "true", "false")), ("parallel", ("ddp", "fsdp")),
+                              ("hellaswag_style", ("nanogpt", "lm-eval")), ("objective", ("lm", "dpo"))]:
+            value = getattr(self, name)
+            check(value in choices, f"{flag(name)}={value} must be one of {', '.join(choices)}")
         for name in ("batch_size", "eval_every", "eval_batches", "log_every"):
             check(getattr(self, name) > 0, f"{flag(name)}={getattr(self, name)} must be positive")
         for name in ("seed", "lr", "batch_tokens", "max_iters", "max_tokens", "warmup_iters", "weight_decay",
@@ -136,6 +141,8 @@ class TrainConfig:
         check(self.eval_only or (self.max_iters > 0) != (self.max_tokens > 0), "give exactly one of "
               f"--max-iters and --max-tokens (got {self.max_iters} and {self.max_tokens})")
         check(not self.eval_only or self.ckpt, "--eval-only needs --ckpt=PATH")
+        check(self.objective == "lm" or self.init_from or self.init_from_hf, "--objective=dpo starts from a "
+              "fine-tuned model, its reference: give --init-from=CKPT (or --init-from-hf=DIR)")
 
 MODEL_HELP = {  # --help for ModelConfig's fields (model.py says the same in comments)
     "vocab_size": "embedding rows (default: the data's vocabulary rounded up to a multiple of 64; 4160 for the "
@@ -191,7 +198,10 @@ def main(argv):
     # evaluation uses the model without the DDP wrapper.
     ddp = wrap_ddp(compiled, rt)
     model = ddp or compiled
-    train, val = (Mixture(meta, split, T, cfg.seed) for split in ("train", "val"))
+    data_of = Pairs if cfg.objective == "dpo" else Mixture  # preference pairs, or token windows
+    train, val = (data_of(meta, split, T, cfg.seed) for split in ("train", "val"))
+    # DPO compares the model with a frozen copy of the one it started from (dpo.py)
+    loss_fn = DPO(reference(cfg, model_cfg, init, enc, rt), cfg.beta) if cfg.objective == "dpo" else masked_loss
     items = hellaswag.get_items(cfg.hellaswag_path, cfg.hellaswag_items, rt.rank, rt.world, cfg.hellaswag_style) \
         if cfg.hellaswag_every else None  # loaded (and checked) now, not after hours of training
     paths = {name: os.path.join(cfg.out_dir, name) for name in ("ckpt.pt", "best.pt", "log.jsonl", "loss.png")}
@@ -209,11 +219,11 @@ def main(argv):
         due = step % cfg.eval_every == 0 and (step > start_step or step == 0)
         evaluate = not stopped and (last_step or due)
         if evaluate:
-            record = {"step": step, "tokens": tokens_seen, **evaluate_val(compiled, val, enc, cfg, rt)}
+            record = {"step": step, "tokens": tokens_seen, **(loss_fn.evaluate(compiled, val, cfg, rt) if
+                      cfg.objective == "dpo" else evaluate_val(compiled, val, enc, cfg, rt))}
             if not math.isfinite(record["val_loss"]):  # the last update broke the weights: do not save them
                 why = f"validation loss is {record['val_loss']}"
                 break
-            record["val_ppl"] = perplexity(record["val_loss"])
             if items and (last_step or step % cfg.hellaswag_every == 0):
                 record |= hellaswag.evaluate(compiled, enc, items, rt.device, rt.amp, T, rt.rank, rt.world)
             # From the uncompiled model (decoding shapes vary); on every rank under FSDP, whose
@@ -247,7 +257,7 @@ def main(argv):
             # (FSDP reduce-scatters every micro-step: skipping it would keep whole gradients meanwhile.)
             with ddp.no_sync() if ddp and micro < accum - 1 else nullcontext():
                 with rt.amp:  # the forward and the loss in low precision; the backward follows it
-                    loss, _ = masked_loss(model, x, y)
+                    loss, _ = loss_fn(model, x, y)
                 rt.scaler.scale(loss / accum).backward()  # / accum: the step's gradient is the mean
             loss_sum += loss.detach()
         for optimizer in optimizers:
@@ -274,7 +284,7 @@ def main(argv):
         tokens_seen += batch_tokens
         if step % cfg.log_every == 0 or step == max_iters:
             log.step(step, tokens_seen, mean_loss, cfg.lr * factor, grad_norm.item(),
-                     train.news(step * (batch_tokens // T)))
+                     train.news(step * (batch_tokens // T)), loss_fn.stats() if cfg.objective == "dpo" else {})
 
     # --- The end
     print_summary(log, cfg, paths, why, step, best_val, stopped, chat="loss_mask" in meta)
@@ -308,7 +318,8 @@ def resolve_settings(given):
                 "use the code that wrote it")
         settings = layered(ckpt["train_config"], ckpt["model_config"], given)
     init, source = None, settings.get("init_from") or settings.get("init_from_hf")
-    if source and ckpt is None:  # a resumed fine-tune has its weights in ckpt already
+    # a resumed fine-tune has its weights in ckpt already; DPO's reference is the start, again
+    if source and (ckpt is None or settings.get("objective") == "dpo"):
         if settings.get("init_from") and settings.get("init_from_hf"):
             die("give --init-from or --init-from-hf, not both")
         init = load_checkpoint(source) if settings.get("init_from") else hf_as_checkpoint(source)
@@ -446,7 +457,7 @@ def build_model(cfg, model_cfg, ckpt, init, enc, rt):
     -> (model, what --init-from did, for the log)."""
     path = cfg.ckpt if cfg.eval_only else os.path.join(cfg.out_dir, "ckpt.pt")
     model = model_from_checkpoint(ckpt, path) if ckpt else Transformer(model_cfg)
-    init_note = load_pretrained(model, init, cfg.init_from or cfg.init_from_hf, enc) if init else None
+    init_note = load_pretrained(model, init, cfg.init_from or cfg.init_from_hf, enc) if init and not ckpt else None
     model.checkpointing = cfg.activation_checkpointing
     model.loss_chunk = LOSS_CHUNK if cfg.chunked_loss else 0
     if rt.fsdp:
@@ -501,6 +512,19 @@ def wrap_ddp(model, rt):
     from torch.nn.parallel import DistributedDataParallel as DDP
     return DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
 
+def reference(cfg, model_cfg, init, enc, rt):
+    """DPO's reference: the starting checkpoint's model, frozen, on this process's device."""
+    model = Transformer(model_cfg)
+    load_pretrained(model, init, cfg.init_from or cfg.init_from_hf, enc)
+    return model.to(rt.device)
+
+def masked_loss(model, x, y):
+    """The mean loss over the targets to learn (y = -1: skip): a micro-batch with none gives 0, not
+    the 0 / 0 of cross_entropy's mean. -> (loss, number of targets)."""
+    _, loss_sum = model(x, y, reduction="sum")
+    count = (y >= 0).sum()
+    return loss_sum / count.clamp(min=1), count
+
 class StopSignal:
     """SIGTERM (preemption, torchrun shutting down) or Ctrl-C sets .requested: the run finishes its
     step, saves and exits 0. A second Ctrl-C stops at once."""
@@ -521,13 +545,6 @@ def lr_factor(step, cfg, max_iters):
         return (step + 1) / cfg.warmup_iters
     progress = min(1.0, (step - cfg.warmup_iters) / max(1, max_iters - cfg.warmup_iters))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-def masked_loss(model, x, y):
-    """The mean loss over the targets to learn (y = -1: skip): a micro-batch with none gives 0, not
-    the 0 / 0 of cross_entropy's mean. -> (loss, number of targets)."""
-    _, loss_sum = model(x, y, reduction="sum")
-    count = (y >= 0).sum()
-    return loss_sum / count.clamp(min=1), count
 
 if __name__ == "__main__":
     run_main(main)

@@ -27,7 +27,11 @@ sys.path.insert(0, str(ROOT))
 SHARED = Path(os.environ.get("LLAMA_TEST_SHARED", ROOT.parent / "shared"))  # (a test points it elsewhere)
 if (SHARED / "tiktoken_cache").is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
-torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation
+# One thread, here and in every script a test starts (as torchrun gives its workers): tiny models gain
+# nothing from more, and a second thread that spins while other processes hold the cores slows a run
+# on a busy machine many times over (a 20 s test took over 300 s beside two busy loops).
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from checkpoint import save_checkpoint  # noqa: E402
 import common  # noqa: E402
@@ -115,10 +119,10 @@ def full_forward_greedy(model, ids, n, eot_id):
     return idx[0, len(ids):].tolist()
 
 # --- Scripts as a user runs them ------------------------------------------------------------------
-def run(args, timeout=300, cwd=ROOT, env=None, input=None, **kwargs):
+def run(args, timeout=1200, cwd=ROOT, env=None, input=None, **kwargs):
     """Run a command (a list of strings or paths), with input as its stdin if given -> CompletedProcess
-    with text output. It runs in a session of its own: on timeout the whole group dies, torchrun's
-    workers included."""
+    with text output. It runs in a session of its own: on timeout (only there to end a hang, far past
+    what a loaded machine needs) the whole group dies, torchrun's workers included."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen([str(a) for a in args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, stdin=subprocess.PIPE if input is not None else None,

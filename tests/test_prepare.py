@@ -407,7 +407,8 @@ def test_presets_carry_the_folders_train_py_reads_and_flags_win():
     assert outs == {"shakespeare": "data/shakespeare", "tinystories": "data/tinystories",
                     "fineweb-edu": "data/fineweb_edu", "openwebtext": "data/openwebtext", "openwebtext-8k":
                     "data/openwebtext_8k",
-                    "shakespeare_chat": "data/shakespeare_chat", "tinystories-10k": "data/tinystories_10k"}
+                    "shakespeare_chat": "data/shakespeare_chat", "shakespeare_dpo": "data/shakespeare_dpo",
+                    "tinystories-10k": "data/tinystories_10k"}
     assert prepare.PRESETS["tinystories-10k"]["vocab_size"] + 1 == 10000  # tinystories_23m's 10k ids
     # and the chat preset reuses the demo's tokenizer, for train.py's shakespeare_chat preset
     assert prepare.PRESETS["shakespeare_chat"]["tokenizer"] == "data/shakespeare"
@@ -523,7 +524,7 @@ def test_import_needs_no_datasets():
     assert result.stdout.strip() == "ok", result.stderr
 
 # --- The output folder is always the old dataset or the new one -----------------------------------
-def wait_for(condition, timeout=60):
+def wait_for(condition, timeout=600):
     t0 = time.time()
     while not condition():
         assert time.time() - t0 < timeout, "timed out"
@@ -553,7 +554,7 @@ def open_gate(path, proc):
         except OSError:
             return False
         return True
-    wait_for(opened, timeout=300)
+    wait_for(opened, timeout=900)
 
 @pytest.mark.slow
 def test_a_second_run_into_the_same_folder_is_refused(tmp_path, big_corpus, gate):
@@ -565,7 +566,7 @@ def test_a_second_run_into_the_same_folder_is_refused(tmp_path, big_corpus, gate
         assert_user_error(second, f"{out.resolve()} is in use by another run (pid {first.pid})")
         assert partial.exists() and not out.exists()  # the first run's work is untouched
         open_gate(gate, first)
-        stdout, stderr = first.communicate(timeout=300)
+        stdout, stderr = first.communicate(timeout=900)
     finally:
         os.killpg(first.pid, signal.SIGKILL) if first.poll() is None else None
     assert first.returncode == 0, stderr
@@ -625,7 +626,7 @@ def test_ctrl_c_is_one_line_and_keeps_the_old_dataset(tmp_path, big_corpus, gate
                  "--chunk-chars", 20_000)
     wait_for(lambda: (partial / "train_0000.bin").exists())  # tokenizing, with two worker processes
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
-    stdout, stderr = proc.communicate(timeout=60)  # (the run could not end by itself: it waits at the gate)
+    stdout, stderr = proc.communicate(timeout=600)  # (the run could not end by itself: it waits at the gate)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1] == "interrupted", stderr  # on a line of its own
     assert {p.name: p.read_bytes() for p in out.iterdir()} == old and leftovers(tmp_path) == []

@@ -171,13 +171,13 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(byte_data, tmp_path):
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 600
         while time.time() < deadline and not ((out / "log.jsonl").exists() and len(losses(out)) >= 3):
             time.sleep(0.2)
         # A second run on the same out_dir meanwhile: refused, naming the first one's pid.
         assert_user_error(train_here(byte_data, out, "--max-iters=5"), "is in use by another run", f"pid {proc.pid}")
         proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=60)
+        stdout, stderr = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -493,7 +493,7 @@ def test_each_preset_is_the_size_its_seed_states():
             return Transformer(ModelConfig(**{k: v for k, v in settings.items() if k in model_keys}))
     demo = model({})
     assert (round(demo.num_params() / 1e6, 2), round(demo.num_params(embeddings=False) / 1e6, 2)) == (1.27, 0.74)
-    assert set(presets.SEEDS) | {"shakespeare_chat"} == set(presets.PRESETS)  # the chat preset: the demo's model
+    assert set(presets.SEEDS) | {"shakespeare_chat", "shakespeare_dpo"} == set(presets.PRESETS)  # the demo's model
     for name, seed in presets.SEEDS.items():
         stated, counted = seed["params"]
         ours = model(presets.PRESETS[name]).num_params(embeddings=counted == "total")
