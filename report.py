@@ -204,8 +204,9 @@ def print_summary(log, cfg, paths, why, step, best_val, stopped, chat):
         log.print(f"stopped by signal at step {step}; saved {paths['ckpt.pt']}; continue with "
                   f"python train.py --resume --out-dir={cfg.out_dir}")
     else:
+        ppl = f" (ppl {perplexity(best_val):.2f})" if cfg.objective == "lm" else ""  # (DPO's is no cross-entropy)
         log.print(f"done: {step - log.start_step} steps in {minutes(time.time() - log.t_start)}; best val loss "
-                  f"{best_val:.4f} (ppl {perplexity(best_val):.2f}) in {paths['best.pt']}\n"
+                  f"{best_val:.4f}{ppl} in {paths['best.pt']}\n"
                   f"  sample:   python sample.py --ckpt {paths['best.pt']} " +
                   ("--chat\n" if chat else "--prompt \"...\"\n") +
                   f"  go on:    python train.py --resume --out-dir={cfg.out_dir} --max-iters=N  (N > {step})\n"

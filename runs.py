@@ -11,6 +11,7 @@ train.py once per setting, each into its own --out-dir, then
 Each folder is one train.py run (its config.json and log.jsonl). The table's "settings" column
 shows only the settings that are not the same in every run, and so does the picture's legend.
 """
+import collections
 import json
 import os
 from dataclasses import dataclass
@@ -40,12 +41,25 @@ def read_run(folder):
 def evals_of(records):
     return [r for r in records if "val_loss" in r and "step" in r and "eval_only" not in r]
 
+def labels(runs, keys):
+    """{folder: the settings that set it apart}: of each setting that differs, the value of every run
+    in a sweep (no two runs alike), else only where a run leaves the most common value (an ablation
+    from a baseline: its one change; the baseline: "-")."""
+    shown = {}
+    for k in keys:
+        values = collections.Counter(json.dumps(settings.get(k)) for settings, _ in runs.values())
+        common, count = values.most_common(1)[0]
+        shown[k] = None if count == 1 else common  # None: a sweep, always shown
+    return {folder: " ".join(f"{k}={settings.get(k)}" for k in keys
+                             if shown[k] is None or json.dumps(settings.get(k)) != shown[k]) or "-"
+            for folder, (settings, _) in runs.items()}
+
 def print_table(runs, keys):
-    rows = []
+    rows, label = [], labels(runs, keys)
     for folder, (settings, records) in runs.items():
         evals = evals_of(records)
         speeds = sorted(r["tokens_per_s"] for r in records if "tokens_per_s" in r)
-        rows.append([folder, " ".join(f"{k}={settings.get(k)}" for k in keys) or "-",
+        rows.append([folder, label[folder],
                      str(evals[-1]["step"] if evals else "-"),
                      f"{min(r['val_loss'] for r in evals):.4f}" if evals else "-",
                      f"{evals[-1]['val_loss']:.4f}" if evals else "-",
@@ -76,10 +90,10 @@ def plot_runs(runs, keys, path):
     if plt is None:
         print("note: no picture: pip install matplotlib")
         return
-    fig, (curves, sweep) = plt.subplots(1, 2, figsize=(13, 5))
-    finals = []
+    fig, (curves, sweep) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [3, 2]})
+    finals, names = [], labels(runs, keys)
     for folder, (settings, records) in runs.items():
-        label = " ".join(f"{k}={settings.get(k)}" for k in keys) or folder
+        label = names[folder] if names[folder] != "-" else "baseline"
         evals, steps = evals_of(records), [r for r in records if "loss" in r]
         line, = curves.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o-", ms=3, label=label)
         curves.plot([r["tokens"] for r in steps], [r["loss"] for r in steps], color=line.get_color(), alpha=0.3, lw=1)
@@ -96,11 +110,15 @@ def plot_runs(runs, keys, path):
         xs = [x for x, _ in finals]
         if min(xs) > 0 and max(xs) >= 10 * min(xs):
             sweep.set_xscale("log")
-    elif finals:
-        sweep.bar(range(len(finals)), [y for _, y in finals])
-        sweep.set_xticks(range(len(finals)), [str(x) for x, _ in finals], rotation=20, ha="right", fontsize=8)
-        sweep.set_ylim(min(y for _, y in finals) * 0.98, max(y for _, y in finals) * 1.01)
-    sweep.set(xlabel=keys[0] if len(keys) == 1 else "run", ylabel="last validation loss", title="the sweep")
+    elif finals:  # one bar per run, best at the top
+        finals.sort(key=lambda f: -f[1])
+        sweep.barh(range(len(finals)), [y for _, y in finals])
+        sweep.set_yticks(range(len(finals)), [str(x) for x, _ in finals], fontsize=8)
+        sweep.set_xlim(min(y for _, y in finals) * 0.98, max(y for _, y in finals) * 1.01)
+    if numeric or not finals:
+        sweep.set(xlabel=keys[0] if len(keys) == 1 else "run", ylabel="last validation loss", title="the sweep")
+    else:
+        sweep.set(xlabel="last validation loss", title="each run's last validation loss")
     for ax in (curves, sweep):
         ax.grid(alpha=0.3)
     fig.tight_layout()
