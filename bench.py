@@ -71,6 +71,8 @@ class BenchConfig:
     n_head: int = setting(4, "query heads")
     n_kv_head: int = setting(2, "key/value heads")
     vocab_size: int = setting(8192, "vocabulary size")
+    multiple_of: int = setting(256, "round the MLP width up to a multiple of this (the CPU demo: 32)")
+    tie_embeddings: bool = setting(False, "one matrix for the embedding and the output head (the CPU demo's)")
     batch_size: int = setting(4, "sequences per training step")
     seq_len: int = setting(256, "tokens per training sequence")
     steps: int = setting(2, "training steps per timed run")
@@ -79,7 +81,7 @@ class BenchConfig:
     device: str = setting("cpu", "cpu, cuda or cuda:N")
     dtype: str = setting("float32", "float32, bfloat16 or float16 (autocast; weights stay fp32)")
     threads: int = setting(0, "torch.set_num_threads; 0 = torch's default for this machine")
-    decode_batch: int = setting(1, "sequences decoded at once")
+    decode_batches: str = setting("1,8", "comma list of how many sequences are decoded at once")
     decode_prompt_len: int = setting(32, "prompt tokens before decoding")
     decode_new_tokens: int = setting(128, "tokens decoded per run")
     sections: str = setting("train,decode,tokenize,limit", "comma list of " + ", ".join(SECTIONS))
@@ -104,7 +106,9 @@ class BenchConfig:
               "the time_to_loss section trains on --text-file=PATH; give one")
         check(self.dtype in ("float32", "bfloat16", "float16"),
               f"--dtype={self.dtype}; use float32, bfloat16 or float16")
-        for name in ("batch_size", "seq_len", "steps", "repeats", "decode_batch", "decode_prompt_len",
+        check(all(b.isdigit() and int(b) > 0 for b in self.decode_batches.split(",")),
+              f"--decode-batches={self.decode_batches}: a comma list of positive counts, e.g. 1,8")
+        for name in ("batch_size", "seq_len", "steps", "repeats", "decode_prompt_len",
                      "decode_new_tokens", "tokenize_copies"):
             check(getattr(self, name) > 0, f"{flag(name)}={getattr(self, name)} must be positive")
         check(self.threads >= 0, f"--threads={self.threads}; use 0 for torch's default or a positive count")
@@ -142,7 +146,8 @@ def build_models(cfg, device, with_hf=True):
     the same weights in LlamaForCausalLM."""
     torch.manual_seed(cfg.seed)
     mcfg = ModelConfig(vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                       n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd, multiple_of=256, tie_embeddings=False,
+                       n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd, multiple_of=cfg.multiple_of,
+                       tie_embeddings=cfg.tie_embeddings,
                        max_seq_len=max(cfg.seq_len, cfg.decode_prompt_len + cfg.decode_new_tokens))
     ours = Transformer(mcfg).to(device)
     if not with_hf:
@@ -276,42 +281,54 @@ def naive_generate(model, idx, new_tokens):
     return idx
 
 def bench_decode(cfg, ours, theirs, device, amp):
+    """Greedy decoding at each of --decode-batches: tokens/s of ours eager (Python per layer, a KV
+    cache), ours compiled (model.compiled_step: one graph a token over a static cache; the one-off
+    compile is timed apart), transformers' generate on the same weights, and at batch 1 ours without a
+    cache; the fraction of the read bandwidth each streams the weights at; runs interleaved."""
     g = torch.Generator().manual_seed(cfg.seed + 2)
-    shape = (cfg.decode_batch, cfg.decode_prompt_len)
-    prompt = torch.randint(0, cfg.vocab_size, shape, generator=g).to(device)
-    n, outputs = cfg.decode_new_tokens, {}
-    fns = {"ours": lambda: ours.generate(prompt, n, temperature=0.0)}
-    if theirs is not None:  # otherwise HF's defaults, its dynamic KV cache included
-        mask = torch.ones_like(prompt)
-        fns["hf"] = lambda: theirs.generate(prompt, max_new_tokens=n, do_sample=False, attention_mask=mask)
-    fns["ours_no_cache"] = lambda: naive_generate(ours, prompt, n)
-
-    def run(name):
-        def go():
-            with torch.no_grad(), amp:
-                outputs[name] = fns[name]()
-        return go
+    n, bandwidth = cfg.decode_new_tokens, read_bandwidth(device)
+    # every matmul weight is read once a step for all the rows (fp32, also under autocast)
+    weights = (ours.num_params(embeddings=False) + ours.lm_head.weight.numel()) * 4
     ours.eval()
     if theirs is not None:
         theirs.eval()
-    runs = {name: run(name) for name in fns}
-    for go in runs.values():  # warm-up
-        go()
-    secs = interleaved(runs, cfg.repeats, device)
-    tokens = cfg.decode_batch * n
-    result = summary(secs["ours"], secs.get("hf"), tokens)
-    result["ours_no_cache_tok_s"] = round(tokens / statistics.median(secs["ours_no_cache"]), 1)
-    result["ratio_vs_no_cache"] = round(result["ours_tok_s"] / result["ours_no_cache_tok_s"], 3)
-    # Same weights and greedy: the texts should agree, barring near-ties broken by fp rounding.
-    if theirs is not None:
-        result["same_tokens_as_hf"] = torch.equal(outputs["ours"], outputs["hf"])
-    result["same_tokens_as_no_cache"] = torch.equal(outputs["ours"], outputs["ours_no_cache"])
-    # Each decode step reads every matmul weight once (fp32, also under autocast) for decode_batch
-    # tokens: how much of the read bandwidth does that use?
-    weights = (ours.num_params(embeddings=False) + ours.lm_head.weight.numel()) * 4
-    streamed, bandwidth = weights * result["ours_tok_s"] / cfg.decode_batch, read_bandwidth(device)
-    result |= {"weights_gb_s": round(streamed / 1e9, 2), "read_bandwidth_gb_s": round(bandwidth / 1e9, 1),
-               "bandwidth_fraction": float(f"{streamed / bandwidth:.3g}")}  # 3 digits, even when tiny
+    result = {"read_bandwidth_gb_s": round(bandwidth / 1e9, 1)}
+    for batch in map(int, cfg.decode_batches.split(",")):
+        prompt = torch.randint(0, cfg.vocab_size, (batch, cfg.decode_prompt_len), generator=g).to(device)
+        outputs, fns = {}, {"ours": lambda: ours.generate(prompt, n, temperature=0.0),
+                            "ours_compiled": lambda: ours.generate(prompt, n, temperature=0.0, compiled=True)}
+        if theirs is not None:  # otherwise HF's defaults, its dynamic KV cache included
+            mask = torch.ones_like(prompt)
+            fns["hf"] = lambda: theirs.generate(prompt, max_new_tokens=n, do_sample=False, attention_mask=mask)
+        if batch == 1:
+            fns["ours_no_cache"] = lambda: naive_generate(ours, prompt, n)
+
+        def run(name):
+            def go():
+                with torch.no_grad(), amp:
+                    outputs[name] = fns[name]()
+            return go
+        runs = {name: run(name) for name in fns}
+        t0 = time.perf_counter()
+        runs["ours_compiled"]()  # the first run compiles (a new batch size: again)
+        compile_s = time.perf_counter() - t0
+        for go in runs.values():  # warm-up
+            go()
+        secs = interleaved(runs, cfg.repeats, device)
+        out = {"compile_s": round(compile_s, 1)}
+        for name in runs:
+            tok_s = batch * n / statistics.median(secs[name])
+            out[f"{name}_tok_s"] = round(tok_s, 1)
+            out[f"{name}_bandwidth_fraction"] = float(f"{weights * tok_s / batch / bandwidth:.3g}")  # 3 digits
+        out["compiled_vs_eager"] = round(out["ours_compiled_tok_s"] / out["ours_tok_s"], 3)
+        # Same weights and greedy: the texts should agree, barring near-ties broken by fp rounding.
+        out["same_tokens_compiled"] = torch.equal(outputs["ours"], outputs["ours_compiled"])
+        if theirs is not None:
+            out["same_tokens_as_hf"] = torch.equal(outputs["ours"], outputs["hf"])
+            out["ratio_vs_hf"] = round(out["ours_tok_s"] / out["hf_tok_s"], 3)
+        if batch == 1:
+            out["same_tokens_as_no_cache"] = torch.equal(outputs["ours"], outputs["ours_no_cache"])
+        result[f"batch_{batch}"] = out
     return result
 
 # --- The limit: peak matmul FLOP/s against the training step's ------------------------------------

@@ -25,11 +25,13 @@ def bench(*args, **kwargs):
 
 @pytest.mark.slow
 def test_the_two_models_agree_and_the_limits_are_fractions():
-    report = bench("--sections=train,decode,limit")
+    report = bench("--sections=train,decode,limit", "--decode-batches=1,2")
     assert report["train_eager"]["first_loss"]["ours"] == pytest.approx(report["train_eager"]["first_loss"]["hf"],
                                                                          abs=1e-5)
-    assert report["decode"]["same_tokens_as_hf"] and report["decode"]["same_tokens_as_no_cache"]
-    assert 0 < report["decode"]["bandwidth_fraction"] < 1
+    one, two = report["decode"]["batch_1"], report["decode"]["batch_2"]  # --decode-batches=1,2
+    assert one["same_tokens_as_hf"] and one["same_tokens_as_no_cache"] and one["same_tokens_compiled"]
+    assert two["same_tokens_as_hf"] and two["same_tokens_compiled"]
+    assert 0 < one["ours_bandwidth_fraction"] < 1 and one["compile_s"] > 0
     assert 0 < report["limit"]["float32"]["fraction_of_peak"] < 1.5  # a tiny model: far from the peak
 
 @pytest.mark.slow
@@ -49,10 +51,10 @@ def test_tokenizing_counts_every_token_and_a_failing_section_leaves_the_rest(tmp
     assert report["tokenize"]["tokens"] == sum(len(enc.encode_ordinary(p)) + 1 for p in paragraphs)  # + eot each
     assert report["tokenize"]["prepare_tok_s"] > 0 and report["tokenize"]["ratio"] > 0
     # Offline without tiktoken's cache the tokenize section fails, and says why; the rest stands.
-    report = bench("--sections=decode,tokenize", f"--text-file={text}",
+    report = bench("--sections=decode,tokenize", "--decode-batches=1", f"--text-file={text}",
                    env={"TIKTOKEN_CACHE_DIR": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1",
                         "NO_PROXY": "*", "HTTPS_PROXY": "http://127.0.0.1:9"})
-    assert "TIKTOKEN_CACHE_DIR" in report["tokenize"]["failed"] and report["decode"]["ours_tok_s"] > 0
+    assert "TIKTOKEN_CACHE_DIR" in report["tokenize"]["failed"] and report["decode"]["batch_1"]["ours_tok_s"] > 0
     assert_user_error(python("bench.py", "--sections=everything"), "--sections=everything")
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ sample.py: generation against reference decoding, the streaming output, prompts 
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import warnings
@@ -18,7 +19,7 @@ from checkpoint import load_for_inference
 from common import printable
 from model import Transformer
 from tokenizer import load_tokenizer
-from conftest import (R50K, R50K_EOT, ROOT, SMALL_BPE, SMALL_EOT, full_forward_greedy, full_logits, python,
+from conftest import (random_model, R50K, R50K_EOT, ROOT, SMALL_BPE, SMALL_EOT, full_forward_greedy, full_logits, python,
                       write_checkpoint)
 
 @pytest.fixture(scope="module")
@@ -90,16 +91,41 @@ def test_a_reader_that_leaves_early_gets_no_traceback(small_ckpt):
     stderr = proc.stderr.read().decode()
     assert proc.wait(timeout=600) == 1 and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
 
-@pytest.mark.slow  # compiling costs ~20 s, though in this process
-def test_compile_compiles_the_forward_generate_calls(small_ckpt, capsys):
+@pytest.mark.slow  # compiling costs ~10-20 s, though in this process
+def test_the_compiled_step_decodes_the_same_tokens_as_eager(capsys, tmp_path):
     import torch._dynamo
-    args = ["--ckpt", small_ckpt, "--prompt", " the", "--max-new-tokens", 12, "--temperature", 0]
-    eager = run_main(capsys, *args).out
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    compiled = run_main(capsys, *args, "--compile").out
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the model really went through dynamo
-    assert compiled == eager
+    model = random_model(n_kv_head=2)  # GQA, fp32, a 64-token context
+    prompts = [torch.randint(0, 96, (1, n), generator=torch.Generator().manual_seed(n)) for n in (1, 9)]
+    for prompt in prompts:  # one token, and a longer prompt; 100 new tokens run past the context twice
+        eager = model.generate(prompt, 100, temperature=0)
+        torch._dynamo.utils.counters.clear()
+        compiled = model.generate(prompt, 100, temperature=0, compiled=True)
+        assert torch.equal(eager, compiled)
+    # compiled once: the second prompt reused the first's graph and its static cache
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
+    # and through sample.py, with its speed line on stderr
+    ckpt = write_checkpoint(tmp_path / "c.pt", SMALL_BPE, SMALL_EOT)
+    args = ["--ckpt", ckpt, "--prompt", " the", "--max-new-tokens", 12, "--temperature", 0]
+    assert run_main(capsys, *args).out == run_main(capsys, *args, "--compile").out
+
+def test_batch_decoding_equals_decoding_each_row_alone():
+    model = random_model()
+    prompts = torch.randint(0, 96, (4, 7), generator=torch.Generator().manual_seed(3))
+    eos = int(model.generate(prompts[:1], 3, temperature=0)[0, -1])  # a token row 0 soon writes: it stops early
+    together = torch.cat(list(model.generate_stream(prompts, 20, temperature=0, eos_id=eos)), dim=1)
+    for row, prompt in enumerate(prompts):
+        alone = torch.cat(list(model.generate_stream(prompt[None], 20, temperature=0, eos_id=eos)), dim=1)[0]
+        n = len(alone)
+        assert torch.equal(together[row, :n], alone)  # the same tokens, to its own end ...
+        assert (together[row, n:] == eos).all()  # ... and after its end, eos while the others go on
+    assert (together == eos).any(dim=1).sum() >= 1 and together.size(1) > 3
+
+def test_the_speed_line_goes_to_stderr(small_ckpt, capsys):
+    sample.main(["--ckpt", str(small_ckpt), "--prompt", "the hell", "--max-new-tokens", "8", "--num-samples", "3"])
+    out, err = capsys.readouterr()
+    assert out.count("-" * 40) == 3 and "speed" not in out  # the text alone on stdout
+    assert re.fullmatch(r"speed: [\d,]+ prompt tokens, prefill [\d,]+ ms; decoding [\d,]+ tokens/s over [\d,]+ tokens\n",
+                        err), err
 
 def test_long_prompt_is_cropped_from_the_left(small_ckpt, capsys):
     model, enc, eot, _ = load_for_inference(small_ckpt)
@@ -107,7 +133,7 @@ def test_long_prompt_is_cropped_from_the_left(small_ckpt, capsys):
     ids = enc.encode(prompt)
     assert len(ids) > 100
     got = run_main(capsys, "--ckpt", small_ckpt, "--prompt", prompt, "--max-new-tokens", 40, "--temperature", 0)
-    assert got.err == f"warning: the prompt has {len(ids)} tokens > max_seq_len=64; keeping the last 64\n"
+    assert got.err.startswith(f"warning: the prompt has {len(ids)} tokens > max_seq_len=64; keeping the last 64\nspeed: ")
     new = model.generate(torch.tensor([ids[-64:]]), 40, temperature=0, eos_id=eot)[0, 64:].tolist()
     new = new[:new.index(eot)] if eot in new else new
     assert got.out == prompt + printable(enc.decode(new)) + "\n" + "-" * 40 + "\n"
