@@ -162,6 +162,8 @@ def build_models(cfg, device, with_hf=True):
     config = transformers.LlamaConfig(**hf_config, eos_token_id=None, bos_token_id=None, pad_token_id=0)
     config._attn_implementation = "sdpa"
     theirs = transformers.LlamaForCausalLM(config).to(device)
+    if mcfg.tie_embeddings:  # transformers lists the tied matrix under both names
+        hf_state["lm_head.weight"] = hf_state["model.embed_tokens.weight"]
     theirs.load_state_dict(hf_state)
     theirs.generation_config.eos_token_id = None
     return ours, theirs
