@@ -205,7 +205,7 @@ def test_padded_rows_are_cut_and_files_are_readable(tmp_path, capsys):
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "hf").iterdir()}
     assert len(set(modes.values())) == 1, modes  # model.safetensors as readable as the rest
 
-@pytest.mark.parametrize("spec", ["r50k", "bpe"])
+@pytest.mark.parametrize("spec", [pytest.param("r50k", marks=pytest.mark.slow), "bpe"])  # r50k: 50k merges, ~9 s
 def test_gguf_holds_our_weights_and_tokenizer(tmp_path, capsys, spec):
     gguf = pytest.importorskip("gguf")
     import numpy as np
@@ -282,6 +282,7 @@ def test_a_chat_gguf_gives_llama_cpp_the_ids_the_model_was_trained_on(tmp_path, 
                                            SMALL_EOT), "--gguf", "f32", "--out", tmp_path / "base.gguf")
     assert not gguf.GGUFReader(tmp_path / "base.gguf").fields["tokenizer.ggml.add_bos_token"].parts[-1][0]
 
+@pytest.mark.slow
 def test_gguf_refuses_a_tokenizer_llama_cpp_cannot_split(tmp_path):
     pytest.importorskip("gguf")
     result = python("export.py", "--ckpt", write_checkpoint(tmp_path / "ckpt.pt", SMALL_BPE, SMALL_EOT), "--gguf",
