@@ -98,6 +98,19 @@ def test_an_exported_folder_starts_a_fine_tune_from_any_working_directory(tmp_pa
     enc = checkpoint.tokenizer_from_checkpoint(init, str(folder), init["model_config"]["vocab_size"])
     assert enc.encode_ordinary("the hell") == load_tokenizer(SMALL_BPE).encode_ordinary("the hell")
 
+def test_a_sharded_folder_names_its_shards_plainly(tmp_path, capsys):
+    # an index whose weight_map points outside the folder, or at a symbolic link, is refused in one line
+    folder = tmp_path / "hf"
+    export_main("--ckpt", write_checkpoint(tmp_path / "small.pt", SMALL_BPE, SMALL_EOT), "--out", folder)
+    (folder / "model.safetensors").rename(tmp_path / "outside.safetensors")
+    for shard, says in [("../outside.safetensors", "not a plain file name"), ("linked.safetensors", "symbolic link")]:
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": shard}}))
+        if shard == "linked.safetensors":
+            (folder / shard).symlink_to(tmp_path / "outside.safetensors")
+        with pytest.raises(SystemExit):
+            run_main(capsys, "--hf-dir", folder, "--prompt", "the")
+        assert says in capsys.readouterr().err, shard
+
 def folder_bytes(folder):
     return {p.name: p.read_bytes() for p in folder.iterdir()}
 
