@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from memory import kept_bytes, saved_bytes
 from hf import to_hf
 from model import ModelConfig, Transformer
-from hardware import cpu_has_bf16, gpu_peak_flops, matmul_flops, read_bandwidth, seconds
+from hardware import cpu_has_bf16, gpu_peak_flops, keep_freed_memory, matmul_flops, read_bandwidth, seconds
 from common import (autocast, check, die, flag, one_line,
                     parse_config, parse_flags, pick_device, run_main, setting)
 
@@ -445,6 +445,8 @@ def main(argv):
     cfg = parse_config(BenchConfig, parse_flags(argv, [BenchConfig], __doc__))
     sections = cfg.sections.split(",")
     device = pick_device(cfg.device)
+    if device.type == "cpu":  # the allocator setting train.py runs with
+        keep_freed_memory()
 
     # One thread count for everything; HF runs in this process, so it shares it.
     if cfg.threads:

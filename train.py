@@ -43,7 +43,7 @@ from common import (autocast, check, die, flag, lock, parse_config, parse_flags,
 from data import Mixture, data_sources, load_data, tokenizer_of
 from dpo import DPO, Pairs
 from evaluate import evaluate_only, evaluate_val, samples
-from hardware import gpu_peak_flops, matmul_flops
+from hardware import gpu_peak_flops, keep_freed_memory, matmul_flops
 from model import LOSS_CHUNK, ModelConfig, Transformer
 from muon import Muon
 from presets import HELP as PRESETS_HELP, PRESETS
@@ -434,6 +434,8 @@ def start(rt, cfg):
         # the group alive past destroy_process_group. Imported before, destroy frees it.
         from torch import _dynamo  # noqa: F401
         dist.init_process_group(backend="nccl" if rt.device.type == "cuda" else "gloo")
+    if rt.device.type == "cpu":  # no page faults for the memory each step frees and takes back
+        keep_freed_memory()
     rt.dtype = pick_dtype(cfg.dtype, rt.device)
     rt.amp = autocast(rt.device, rt.dtype)
     # bf16 needs no loss scaling; fp16's narrow range does: the scaler multiplies the loss up
