@@ -175,6 +175,7 @@ faults_of_a_step()  # the first time the memory is new either way
 print(kept, min(faults_of_a_step() for _ in range(5)))
 """
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator: Linux")
 def test_kept_memory_is_not_faulted_in_again_each_step():
     """The allocator setting of CPU training: 64 MB freed and allocated again costs a page fault per
