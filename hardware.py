@@ -26,7 +26,7 @@ def keep_freed_memory():
     step frees its activations and allocates the same sizes again in the next step; by default glibc
     returns large blocks to the system at once (mmap, and trimming the heap), and touching them again
     costs a page fault per 4 KB: 36k faults a step for the CPU demo, a fifth of its step time (2-core
-    AVX2 EPYC). Kept, the process stays near its peak memory (618 -> 719 MB resident for the demo).
+    AVX2 EPYC). Kept, the process stays near its peak memory (peak 618 -> 719 MiB for the demo).
     -> True if set; False elsewhere (macOS, musl), where nothing changes."""
     import ctypes
     try:
@@ -35,7 +35,7 @@ def keep_freed_memory():
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
     # No block from mmap (the heap serves all), and never trim the heap's free top.
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    return bool(mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1))  # 1 = done
 
 def matmul_flops(device, dtype, n=1024, repeats=3):
     """Measured peak matmul FLOP/s of device in dtype: the best of a few n x n products. A CPU without
