@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+import decode
 from memory import kept_bytes, saved_bytes
 from hf import to_hf
 from model import ModelConfig, Transformer
@@ -284,9 +285,10 @@ def naive_generate(model, idx, new_tokens):
 
 def bench_decode(cfg, ours, theirs, device, amp):
     """Greedy decoding at each of --decode-batches: tokens/s of ours eager (Python per layer, a KV
-    cache), ours compiled (model.compiled_step: one graph a token over a static cache; the one-off
-    compile is timed apart), transformers' generate on the same weights, and at batch 1 ours without a
-    cache; the fraction of the read bandwidth each streams the weights at; runs interleaved."""
+    cache), ours compiled (decode.compiled_step: one graph a token over a static cache; the one-off
+    compile is timed apart), the same with a bf16 copy of the weights (CPU only), transformers'
+    generate on the same weights, and at batch 1 ours without a cache; the fraction of the read
+    bandwidth each streams the weights at; runs interleaved."""
     g = torch.Generator().manual_seed(cfg.seed + 2)
     n, bandwidth = cfg.decode_new_tokens, read_bandwidth(device)
     # every matmul weight is read once a step for all the rows (fp32, also under autocast)
@@ -294,11 +296,15 @@ def bench_decode(cfg, ours, theirs, device, amp):
     ours.eval()
     if theirs is not None:
         theirs.eval()
+    steps = {"ours_compiled": decode.compiled_step(ours)}
+    if device.type == "cpu":
+        steps["ours_compiled_bf16_weights"] = decode.compiled_step(ours, torch.bfloat16)
     result = {"read_bandwidth_gb_s": round(bandwidth / 1e9, 1)}
     for batch in map(int, cfg.decode_batches.split(",")):
         prompt = torch.randint(0, cfg.vocab_size, (batch, cfg.decode_prompt_len), generator=g).to(device)
-        outputs, fns = {}, {"ours": lambda: ours.generate(prompt, n, temperature=0.0),
-                            "ours_compiled": lambda: ours.generate(prompt, n, temperature=0.0, compiled=True)}
+        outputs, fns = {}, {"ours": lambda: ours.generate(prompt, n, temperature=0.0)}
+        for name, step in steps.items():
+            fns[name] = lambda step=step: ours.generate(prompt, n, temperature=0.0, step=step)
         if theirs is not None:  # otherwise HF's defaults, its dynamic KV cache included
             mask = torch.ones_like(prompt)
             fns["hf"] = lambda: theirs.generate(prompt, max_new_tokens=n, do_sample=False, attention_mask=mask)
@@ -310,18 +316,19 @@ def bench_decode(cfg, ours, theirs, device, amp):
                 with torch.no_grad(), amp:
                     outputs[name] = fns[name]()
             return go
-        runs = {name: run(name) for name in fns}
-        t0 = time.perf_counter()
-        runs["ours_compiled"]()  # the first run compiles (a new batch size: again)
-        compile_s = time.perf_counter() - t0
+        runs, out = {name: run(name) for name in fns}, {}
+        for name in steps:  # the first run compiles (a new batch size: again)
+            t0 = time.perf_counter()
+            runs[name]()
+            out[f"{name}_compile_s"] = round(time.perf_counter() - t0, 1)
         for go in runs.values():  # warm-up
             go()
         secs = interleaved(runs, cfg.repeats, device)
-        out = {"compile_s": round(compile_s, 1)}
         for name in runs:
             tok_s = batch * n / statistics.median(secs[name])
             out[f"{name}_tok_s"] = round(tok_s, 1)
-            out[f"{name}_bandwidth_fraction"] = float(f"{weights * tok_s / batch / bandwidth:.3g}")  # 3 digits
+            read = weights / 2 if name.endswith("bf16_weights") else weights
+            out[f"{name}_bandwidth_fraction"] = float(f"{read * tok_s / batch / bandwidth:.3g}")  # 3 digits
         out["compiled_vs_eager"] = round(out["ours_compiled_tok_s"] / out["ours_tok_s"], 3)
         # Same weights and greedy: the texts should agree, barring near-ties broken by fp rounding.
         out["same_tokens_compiled"] = torch.equal(outputs["ours"], outputs["ours_compiled"])

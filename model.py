@@ -304,15 +304,16 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-                        generator=None, vocab_size=None, compiled=False):
+                        generator=None, vocab_size=None, step=None):
         """Yield next ids (B, 1) after idx (B, T), one step at a time. A row that emits eos_id repeats it
         and the stream ends when all have; vocab_size keeps sampling off ids padded past the tokenizer's.
-        compiled: the one-token steps run compiled_step (the prefill and the cache's restarts eagerly)."""
+        step: decode.compiled_step(model), run for each one-token step over a static cache of the whole
+        context (the prefill and the cache's restarts run eagerly)."""
         B, T = idx.size()
         S_max, was_training = self.config.max_seq_len, self.training
-        if compiled and getattr(self, "_static", (None,))[0] != B:  # one cache of the whole context, kept:
+        if step is not None and getattr(self, "_static", (None,))[0] != B:  # one cache of the whole context, kept:
             self._static = B, [KVCache(S_max) for _ in self.layers]  # the compiled step sees the same buffers
-        caches = self._static[1] if compiled else [KVCache(min(S_max, T + max_new_tokens)) for _ in self.layers]
+        caches = self._static[1] if step is not None else [KVCache(min(S_max, T + max_new_tokens)) for _ in self.layers]
         for layer, cache in zip(self.layers, caches):
             layer.self_attn.cache = cache
         try:
@@ -320,21 +321,21 @@ class Transformer(nn.Module):
             logits, _ = self(idx)  # "prefill": one pass over the prompt fills the cache   (B, 1, V)
             pos, done = T, torch.zeros(B, dtype=torch.bool, device=idx.device)
             pieces = [idx]  # the sequence so far, in pieces: concatenated only when the cache restarts
-            for step in range(max_new_tokens):
+            for i in range(max_new_tokens):
                 next_id = sample_next(logits[:, -1, :vocab_size], temperature, top_k, top_p, generator)  # (B, 1)
                 if eos_id is not None:
                     next_id = next_id.masked_fill(done[:, None], eos_id)
                     done |= next_id[:, 0] == eos_id
                 yield next_id
-                if step == max_new_tokens - 1 or (eos_id is not None and done.all()):  # (a GPU sync)
+                if i == max_new_tokens - 1 or (eos_id is not None and done.all()):  # (a GPU sync)
                     break
                 pieces.append(next_id)
                 new_input = next_id  # "decode": only the new token goes in; the rest is cached
                 if pos == S_max:  # context full: restart the cache from the most recent half
                     new_input = torch.cat(pieces, dim=1)[:, -max(1, S_max // 2):]
                     pieces, pos = [new_input], 0
-                if compiled and new_input.size(1) == 1:
-                    logits = self.compiled_step()(new_input, torch.tensor([pos], device=idx.device))
+                if step is not None and new_input.size(1) == 1:
+                    logits = step(new_input, torch.tensor([pos], device=idx.device))
                 else:
                     logits, _ = self(new_input, pos=pos)
                 pos += new_input.size(1)
@@ -342,22 +343,6 @@ class Transformer(nn.Module):
             for layer in self.layers:
                 layer.self_attn.cache = None
             self.train(was_training)
-
-    def compiled_step(self):
-        """token (B, 1), pos (1,) -> logits (B, 1, V): gpt-fast's one-token step, compiled once with fixed
-        shapes (a cache of the whole context, the position a tensor): no Python per layer, no recompiles.
-        On CUDA with CUDA graphs. On CPUs with a C++ wrapper, and over a column-major copy of the matmul
-        weights, taken now: MKL reads x @ W.T twice as fast at batch 1 when W.T is contiguous."""
-        if getattr(self, "_compiled_step", None) is None:
-            if self.lm_head.weight.is_cuda:
-                step, how = (lambda token, pos: self(token, pos=pos)[0]), dict(mode="reduce-overhead")
-            else:
-                weights = {n: p.t().contiguous().t() if p.dim() == 2 and not n.startswith("embed_") else p
-                           for n, p in self.named_parameters(remove_duplicate=False)}
-                step, how = (lambda token, pos: torch.func.functional_call(
-                    self, weights, (token,), {"pos": pos}, tie_weights=False)[0]), dict(options={"cpp_wrapper": True})
-            self._compiled_step = torch.compile(step, fullgraph=True, dynamic=False, **how)
-        return self._compiled_step
 
     def num_params(self, embeddings=True):
         """Parameter count; embeddings=False leaves out the embedding tables and an untied lm_head."""

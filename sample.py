@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 import chat
+import decode
 from checkpoint import load_for_inference
 from common import (autocast, check, die, one_line, parse_config, parse_flags, pick_device, pick_dtype, printable,
                     run_main, setting)
@@ -49,7 +50,7 @@ class SampleConfig:
     device: str = setting("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     dtype: str = setting("auto", "autocast dtype: auto, float32, bfloat16 or float16; weights stay fp32")
     compile: bool = setting(False, "decode with a compiled one-token step over a static KV cache "
-                            "(model.compiled_step): ~20 s to compile on a CPU, then ~3x eager's speed on the demo")
+                            "(decode.py): ~10-30 s to compile on a CPU, then 2-4x eager's speed")
 
     def __post_init__(self):
         check(not (self.tokenizer and not self.hf_dir),
@@ -135,7 +136,7 @@ class Speed:
         return (f"speed: {self.prompt:,} prompt tokens, prefill {self.prefill * 1000:,.0f} ms; decoding {rate} "
                 f"over {self.new:,} tokens" + (f"; compiling took {self.compile:.1f} s" if self.compile else ""))
 
-def complete(model, enc, eot_id, prompt, cfg, generator, speed):
+def complete(model, enc, eot_id, prompt, cfg, generator, speed, step):
     """Print cfg.num_samples continuations of prompt (or of end-of-text if it is ""): one sample token
     by token as it comes; several decoded together, a row each, printed when all have ended."""
     ids, S = enc.encode(prompt, allowed_special="all") if prompt else [eot_id], model.config.max_seq_len
@@ -150,8 +151,8 @@ def complete(model, enc, eot_id, prompt, cfg, generator, speed):
     idx = torch.tensor([ids] * n, device=generator.device)                               # (n, T)
     steps = model.generate_stream(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                                   top_p=cfg.top_p, eos_id=eot_id, generator=generator, vocab_size=enc.n_vocab,
-                                  compiled=cfg.compile)
-    steps = speed.timed(steps, len(ids) * n, cfg.compile)
+                                  step=step)
+    steps = speed.timed(steps, len(ids) * n, step is not None)
     if n == 1:
         print(printable(prompt), end="", flush=True)
         new_ids = itertools.takewhile(lambda t: t != eot_id, (int(t) for t in steps))  # eot ends a sample
@@ -163,7 +164,7 @@ def complete(model, enc, eot_id, prompt, cfg, generator, speed):
         text = "".join(decode_stream(enc, itertools.takewhile(lambda t: t != eot_id, row)))
         print(printable(prompt + text) + "\n" + "-" * 40, flush=True)
 
-def converse(model, enc, cfg, generator, speed):
+def converse(model, enc, cfg, generator, speed, step):
     """--chat: a reply to each turn typed, streamed until the model ends its turn. The whole
     conversation is the prompt each time; when it and a reply would not fit in the context, the
     oldest turns go (the system message stays)."""
@@ -180,9 +181,8 @@ def converse(model, enc, cfg, generator, speed):
             ids, _ = chat.render(enc, messages, reply=True)
         idx = torch.tensor([ids[-S:]], device=generator.device)                         # (1, T)
         steps = model.generate_stream(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                      top_p=cfg.top_p, generator=generator, vocab_size=enc.n_vocab,
-                                      compiled=cfg.compile)
-        steps, reply = speed.timed(steps, idx.size(1), cfg.compile), []
+                                      top_p=cfg.top_p, generator=generator, vocab_size=enc.n_vocab, step=step)
+        steps, reply = speed.timed(steps, idx.size(1), step is not None), []
         for piece in decode_stream(enc, itertools.takewhile(lambda t: t not in stop, (int(t) for t in steps))):
             print(printable(piece), end="", flush=True)
             reply.append(piece)
@@ -216,12 +216,14 @@ def main(argv):
             "it on prepare.py --chat data first (README: Fine-tune into a chat model)")
     model.to(device).eval()
     generator = torch.Generator(device).manual_seed(cfg.seed)  # our own: no other code draws from it
-    speed = Speed()
-    with autocast(device, decode_dtype(model, cfg.dtype, device)):
+    speed, dtype = Speed(), decode_dtype(model, cfg.dtype, device)
+    # compiled on a CPU, the weights are read in the decoding dtype: a bf16 copy halves the bytes
+    step = decode.compiled_step(model, dtype) if cfg.compile else None
+    with autocast(device, dtype):
         if cfg.chat:
-            converse(model, enc, cfg, generator, speed)
+            converse(model, enc, cfg, generator, speed, step)
         for text in [] if cfg.chat else typed_prompts() if cfg.interactive else [prompt]:
-            complete(model, enc, eot_id, text, cfg, generator, speed)
+            complete(model, enc, eot_id, text, cfg, generator, speed, step)
     print(speed.line(), file=sys.stderr)
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import decode
 import sample
 from checkpoint import load_for_inference
 from common import printable
@@ -95,11 +97,12 @@ def test_a_reader_that_leaves_early_gets_no_traceback(small_ckpt):
 def test_the_compiled_step_decodes_the_same_tokens_as_eager(capsys, tmp_path):
     import torch._dynamo
     model = random_model(n_kv_head=2)  # GQA, fp32, a 64-token context
+    step = decode.compiled_step(model)
     prompts = [torch.randint(0, 96, (1, n), generator=torch.Generator().manual_seed(n)) for n in (1, 9)]
     for prompt in prompts:  # one token, and a longer prompt; 100 new tokens run past the context twice
         eager = model.generate(prompt, 100, temperature=0)
         torch._dynamo.utils.counters.clear()
-        compiled = model.generate(prompt, 100, temperature=0, compiled=True)
+        compiled = model.generate(prompt, 100, temperature=0, step=step)
         assert torch.equal(eager, compiled)
     # compiled once: the second prompt reused the first's graph and its static cache
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
@@ -107,6 +110,42 @@ def test_the_compiled_step_decodes_the_same_tokens_as_eager(capsys, tmp_path):
     ckpt = write_checkpoint(tmp_path / "c.pt", SMALL_BPE, SMALL_EOT)
     args = ["--ckpt", ckpt, "--prompt", " the", "--max-new-tokens", 12, "--temperature", 0]
     assert run_main(capsys, *args).out == run_main(capsys, *args, "--compile").out
+
+@pytest.mark.slow  # two compiles
+def test_the_compiled_step_over_bf16_weights_decodes_as_the_rounded_model_does():
+    model = random_model(n_kv_head=2)
+    rounded = random_model(n_kv_head=2)  # the reference: every weight matrix rounded to bf16, all else fp32
+    with torch.no_grad():
+        for name, p in rounded.named_parameters():
+            if p.dim() == 2 and not name.startswith("embed_"):
+                p.copy_(p.bfloat16().float())
+    prompts = torch.randint(0, 96, (3, 5), generator=torch.Generator().manual_seed(5))
+    for rows in (prompts[:1], prompts):  # batch 1, and 3 rows decoded together
+        step = decode.compiled_step(model, torch.bfloat16)
+        assert torch.equal(model.generate(rows, 40, temperature=0, step=step), rounded.generate(rows, 40, temperature=0))
+    # and under bf16 autocast (sample.py --dtype=bfloat16 --compile): the cache keeps the prefill's dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.generate(prompts[:1], 70, temperature=0, step=step)  # past the 64-token context
+    assert out.shape == (1, 75)
+
+def test_products_as_sums_compute_what_the_products_do():
+    """decode.ProductsAsSums, run eagerly: the rewritten linear, single-row products and attention
+    against F.linear, matmul and F.scaled_dot_product_attention."""
+    g = torch.Generator().manual_seed(0)
+    w, q = torch.randn(24, 16, generator=g), torch.randn(2, 4, 1, 8, generator=g)     # (N, C), (B, H, 1, D)
+    k, v = torch.randn(2, 2, 6, 8, generator=g), torch.randn(2, 2, 6, 8, generator=g)  # (B, Hkv, S, D)
+    mask = torch.tensor([[True] * 4 + [False] * 2])                                   # (1, S)
+    cases = [(F.linear, (torch.randn(3, 1, 16, generator=g), w), {}),  # 3 rows: each a dot with each of W's rows
+             (F.linear, (torch.randn(16, generator=g), w), {}),
+             (torch.matmul, (q, k.repeat(1, 2, 1, 1).transpose(-2, -1)), {}),     # (B, H, 1, S)
+             (F.scaled_dot_product_attention, (q, k, v), {"attn_mask": mask, "enable_gqa": True})]
+    for func, args, kwargs in cases:
+        with decode.ProductsAsSums():
+            got = func(*args, **kwargs)
+        torch.testing.assert_close(got, func(*args, **kwargs), rtol=1e-5, atol=1e-5)
+    x = torch.randn(decode.MAX_ROWS + 1, 16, generator=g)  # more rows than MAX_ROWS: F.linear itself
+    with decode.ProductsAsSums():
+        assert torch.equal(F.linear(x, w), x @ w.t())
 
 def test_batch_decoding_equals_decoding_each_row_alone():
     model = random_model()
