@@ -17,9 +17,9 @@ with the norm before it or the activation after it. Written as multiply-and-sum,
 the same product becomes a reduction that inductor compiles into one loop over W's rows, fused
 with its neighbours (q, k and v share one loop and one normalized x): what llama.cpp's CPU
 kernels do. ProductsAsSums rewrites the step that way while torch.compile traces it; on this
-machine that took the 53M model from 42 to ~100 tokens/s in fp32, level with llama.cpp's 103
-(docs/speed.md). With more than MAX_ROWS rows the arithmetic, not the memory, is the limit, and
-MKL's blocked matrix products win again, so those are left alone.
+machine that took a 53M model from 52 to 87 tokens/s in fp32 (bench.py, batch 1), the step alone
+to 0.8x llama.cpp's speed on the same weights (docs/speed.md). With more than MAX_ROWS rows the
+arithmetic, not the memory, is the limit and MKL's blocked matrix products win, so those stay.
 """
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 from model import attention_by_hand
 
 # Rows (sequences decoded together) up to which a product is a sum; above it MKL's matrix product
-# is faster (53M model, fp32: sums 258 vs MKL 208 tokens/s at 8 rows, 222 vs 304 at 16, measured).
+# is faster (53M model, fp32, the step alone: sums 258 vs MKL 208 tokens/s at 8 rows, 222 vs 304 at 16).
 MAX_ROWS = 8
 
 class ProductsAsSums(TorchFunctionMode):
@@ -60,11 +60,12 @@ def compiled_step(model, weights_dtype=None):
     """token (B, 1), pos (1,) -> logits (B, 1, V): the model's forward for one token at position pos
     over its static cache (model.generate(..., step=) sets it up), compiled on its first call and
     again for each new batch size. weights_dtype: on a CPU, the step reads a copy of the weight
-    matrices in this dtype (bf16: half the bytes; the arithmetic stays fp32). On CUDA the model runs
-    as it is (under the caller's autocast), as a CUDA graph."""
-    if next(model.parameters()).is_cuda:
-        return torch.compile(lambda token, pos: model(token, pos=pos)[0], fullgraph=True, dynamic=False,
-                             mode="reduce-overhead")
+    matrices in this dtype (bf16: half the bytes; the arithmetic stays fp32). Elsewhere the model runs
+    as it is (under the caller's autocast); on CUDA as a CUDA graph."""
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        how = {"mode": "reduce-overhead"} if device.type == "cuda" else {}
+        return torch.compile(lambda token, pos: model(token, pos=pos)[0], fullgraph=True, dynamic=False, **how)
     narrow = weights_dtype not in (None, torch.float32)
     # The embedding table stays: the step reads one row of it. A tied lm_head gets its own copy.
     weights = {name: p.to(weights_dtype) if narrow and p.dim() == 2 and not name.startswith("embed_") else p

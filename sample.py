@@ -48,9 +48,10 @@ class SampleConfig:
     top_p: float = setting(0.95, "sample among the most likely tokens whose probability reaches p; 1 = off")
     seed: int = setting(1337, "seed of the sampling generator: the same seed gives the same text")
     device: str = setting("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
-    dtype: str = setting("auto", "autocast dtype: auto, float32, bfloat16 or float16; weights stay fp32")
+    dtype: str = setting("auto", "autocast dtype: auto, float32, bfloat16 or float16; weights stay fp32 "
+                         "(with --compile on a CPU, the step reads a copy of them in this dtype)")
     compile: bool = setting(False, "decode with a compiled one-token step over a static KV cache "
-                            "(decode.py): ~10-30 s to compile on a CPU, then 2-4x eager's speed")
+                            "(decode.py): ~15-30 s to compile on a CPU, then 2-5x eager's speed")
 
     def __post_init__(self):
         check(not (self.tokenizer and not self.hf_dir),
