@@ -288,7 +288,8 @@ def bench_decode(cfg, ours, theirs, device, amp):
     cache), ours compiled (decode.compiled_step: one graph a token over a static cache; the one-off
     compile is timed apart), the same with a bf16 copy of the weights (CPU only), transformers'
     generate on the same weights, and at batch 1 ours without a cache; the fraction of the read
-    bandwidth each streams the weights at; runs interleaved."""
+    bandwidth each streams the weights at, and for the compiled steps alone (no prefill, no
+    sampling: the median step); runs interleaved."""
     g = torch.Generator().manual_seed(cfg.seed + 2)
     n, bandwidth = cfg.decode_new_tokens, read_bandwidth(device)
     # every matmul weight is read once a step for all the rows (fp32, also under autocast)
@@ -299,12 +300,22 @@ def bench_decode(cfg, ours, theirs, device, amp):
     steps = {"ours_compiled": decode.compiled_step(ours)}
     if device.type == "cpu":
         steps["ours_compiled_bf16_weights"] = decode.compiled_step(ours, torch.bfloat16)
-    result = {"read_bandwidth_gb_s": round(bandwidth / 1e9, 1)}
+    result, clocks = {"read_bandwidth_gb_s": round(bandwidth / 1e9, 1)}, {name: [] for name in steps}
+
+    def clocked(name):  # the step, its seconds noted
+        def step(token, pos):
+            t0 = time.perf_counter()
+            logits = steps[name](token, pos)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            clocks[name].append(time.perf_counter() - t0)
+            return logits
+        return step
     for batch in map(int, cfg.decode_batches.split(",")):
         prompt = torch.randint(0, cfg.vocab_size, (batch, cfg.decode_prompt_len), generator=g).to(device)
         outputs, fns = {}, {"ours": lambda: ours.generate(prompt, n, temperature=0.0)}
-        for name, step in steps.items():
-            fns[name] = lambda step=step: ours.generate(prompt, n, temperature=0.0, step=step)
+        for name in steps:
+            fns[name] = lambda step=clocked(name): ours.generate(prompt, n, temperature=0.0, step=step)
         if theirs is not None:  # otherwise HF's defaults, its dynamic KV cache included
             mask = torch.ones_like(prompt)
             fns["hf"] = lambda: theirs.generate(prompt, max_new_tokens=n, do_sample=False, attention_mask=mask)
@@ -323,12 +334,18 @@ def bench_decode(cfg, ours, theirs, device, amp):
             out[f"{name}_compile_s"] = round(time.perf_counter() - t0, 1)
         for go in runs.values():  # warm-up
             go()
+        for ticks in clocks.values():
+            ticks.clear()
         secs = interleaved(runs, cfg.repeats, device)
         for name in runs:
             tok_s = batch * n / statistics.median(secs[name])
             out[f"{name}_tok_s"] = round(tok_s, 1)
             read = weights / 2 if name.endswith("bf16_weights") else weights
             out[f"{name}_bandwidth_fraction"] = float(f"{read * tok_s / batch / bandwidth:.3g}")  # 3 digits
+            if name in steps:
+                step_s = statistics.median(clocks[name])
+                out[f"{name}_step_ms"] = round(step_s * 1e3, 2)
+                out[f"{name}_step_bandwidth_fraction"] = float(f"{read / step_s / bandwidth:.3g}")
         out["compiled_vs_eager"] = round(out["ours_compiled_tok_s"] / out["ours_tok_s"], 3)
         # Same weights and greedy: the texts should agree, barring near-ties broken by fp rounding.
         out["same_tokens_compiled"] = torch.equal(outputs["ours"], outputs["ours_compiled"])

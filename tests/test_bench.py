@@ -32,7 +32,8 @@ def test_the_two_models_agree_and_the_limits_are_fractions():
     assert one["same_tokens_as_hf"] and one["same_tokens_as_no_cache"] and one["same_tokens_compiled"]
     assert two["same_tokens_as_hf"] and two["same_tokens_compiled"]
     assert 0 < one["ours_bandwidth_fraction"] < 1 and one["ours_compiled_compile_s"] > 0
-    assert 0 < one["ours_compiled_bf16_weights_bandwidth_fraction"] < 1
+    bf16 = "ours_compiled_bf16_weights"  # the steps alone stream faster than the whole generate, prefill and all
+    assert 0 < one[f"{bf16}_bandwidth_fraction"] < one[f"{bf16}_step_bandwidth_fraction"]
     assert 0 < report["limit"]["float32"]["fraction_of_peak"] < 1.5  # a tiny model: far from the peak
 
 @pytest.mark.slow
