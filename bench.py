@@ -11,8 +11,9 @@ machine's own limit; prints one JSON object.
     python bench.py --device=cuda --dtype=bfloat16 --n-layer=12 --n-embd=768 --n-head=12 --compile
 
 Sections: train (forward + backward + AdamW step: tokens/s; MFU and peak memory on GPUs), decode
-(greedy tokens/s: our KV cache vs HF generate vs our model without a cache; the share of the read
-bandwidth it streams weights at), tokenize (prepare.py vs plain tiktoken; needs --text-file and
+(greedy tokens/s: our KV cache, eager and compiled (decode.py; also over bf16 weights, and its
+steps alone) vs HF generate vs our model without a cache; the share of the read bandwidth each
+streams weights at), tokenize (prepare.py vs plain tiktoken; needs --text-file and
 GPT-2's ranks, TIKTOKEN_CACHE_DIR offline), limit (peak matmul FLOP/s in fp32 and bf16 and the
 training step's share of it), time_to_loss (steps and seconds to a validation loss for fp32
 AdamW, bf16 AdamW and bf16 Muon, trained by train.py in turn) and memory (what activation
