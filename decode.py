@@ -37,7 +37,10 @@ class ProductsAsSums(TorchFunctionMode):
     as attention_by_hand, so that its products are rewritten too. The same numbers up to rounding."""
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear and args[0].numel() <= MAX_ROWS * args[0].size(-1):
+        if func is F.linear and args[0].numel() > MAX_ROWS * args[0].size(-1):
+            x, w, *rest = args  # many rows: the BLAS's product, over weights in x's dtype (a bf16 copy too)
+            return func(x, w.to(x.dtype), *rest, **kwargs)
+        if func is F.linear:
             x, w = args[0], args[1]                                        # (..., C), (N, C)
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             rows = x.reshape(-1, x.size(-1))                                # (R, C)

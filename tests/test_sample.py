@@ -143,9 +143,10 @@ def test_products_as_sums_compute_what_the_products_do():
         with decode.ProductsAsSums():
             got = func(*args, **kwargs)
         torch.testing.assert_close(got, func(*args, **kwargs), rtol=1e-5, atol=1e-5)
-    x = torch.randn(decode.MAX_ROWS + 1, 16, generator=g)  # more rows than MAX_ROWS: F.linear itself
-    with decode.ProductsAsSums():
+    x = torch.randn(decode.MAX_ROWS + 1, 16, generator=g)  # more rows than MAX_ROWS: F.linear itself,
+    with decode.ProductsAsSums():                          # over the weights in x's dtype
         assert torch.equal(F.linear(x, w), x @ w.t())
+        assert torch.equal(F.linear(x, w.bfloat16()), x @ w.bfloat16().float().t())
 
 def test_batch_decoding_equals_decoding_each_row_alone():
     model = random_model()
