@@ -17,8 +17,8 @@ with the norm before it or the activation after it. Written as multiply-and-sum,
 the same product becomes a reduction that inductor compiles into one loop over W's rows, fused
 with its neighbours (q, k and v share one loop and one normalized x): what llama.cpp's CPU
 kernels do. ProductsAsSums rewrites the step that way while torch.compile traces it; on this
-machine that took a 53M model from 52 to 87 tokens/s in fp32 (bench.py, batch 1), the step alone
-to 0.8x llama.cpp's speed on the same weights (docs/speed.md). With more than MAX_ROWS rows the
+machine that took a 53M model from 52 to 100 tokens/s in fp32 (bench.py, batch 1), the step alone
+to 0.92x llama.cpp's speed on the same weights (docs/speed.md). With more than MAX_ROWS rows the
 arithmetic, not the memory, is the limit and MKL's blocked matrix products win, so those stay.
 """
 import torch
