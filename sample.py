@@ -51,7 +51,7 @@ class SampleConfig:
     dtype: str = setting("auto", "autocast dtype: auto, float32, bfloat16 or float16; weights stay fp32 "
                          "(with --compile on a CPU, the step reads a copy of them in this dtype)")
     compile: bool = setting(False, "decode with a compiled one-token step over a static KV cache "
-                            "(decode.py): ~10-30 s to compile on a CPU, then 2-5x eager's speed")
+                            "(decode.py): ~10-45 s to compile on a CPU, then 2-5x eager's speed")
 
     def __post_init__(self):
         check(not (self.tokenizer and not self.hf_dir),
