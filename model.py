@@ -311,9 +311,10 @@ class Transformer(nn.Module):
         context (the prefill and the cache's restarts run eagerly)."""
         B, T = idx.size()
         S_max, was_training = self.config.max_seq_len, self.training
-        if step is not None and getattr(self, "_static", (None,))[0] != B:  # one cache of the whole context, kept:
+        static = step is not None
+        if static and getattr(self, "_static", (None,))[0] != B:  # one cache of the whole context, kept:
             self._static = B, [KVCache(S_max) for _ in self.layers]  # the compiled step sees the same buffers
-        caches = self._static[1] if step is not None else [KVCache(min(S_max, T + max_new_tokens)) for _ in self.layers]
+        caches = self._static[1] if static else [KVCache(min(S_max, T + max_new_tokens)) for _ in self.layers]
         for layer, cache in zip(self.layers, caches):
             layer.self_attn.cache = cache
         try:
@@ -334,7 +335,7 @@ class Transformer(nn.Module):
                 if pos == S_max:  # context full: restart the cache from the most recent half
                     new_input = torch.cat(pieces, dim=1)[:, -max(1, S_max // 2):]
                     pieces, pos = [new_input], 0
-                if step is not None and new_input.size(1) == 1:
+                if static and new_input.size(1) == 1:
                     logits = step(new_input, torch.tensor([pos], device=idx.device))
                 else:
                     logits, _ = self(new_input, pos=pos)

@@ -111,7 +111,7 @@ def test_the_compiled_step_decodes_the_same_tokens_as_eager(capsys, tmp_path):
     args = ["--ckpt", ckpt, "--prompt", " the", "--max-new-tokens", 12, "--temperature", 0]
     assert run_main(capsys, *args).out == run_main(capsys, *args, "--compile").out
 
-@pytest.mark.slow  # two compiles
+@pytest.mark.slow  # a compile per batch size and for autocast
 def test_the_compiled_step_over_bf16_weights_decodes_as_the_rounded_model_does():
     model = random_model(n_kv_head=2)
     rounded = random_model(n_kv_head=2)  # the reference: every weight matrix rounded to bf16, all else fp32
@@ -120,8 +120,8 @@ def test_the_compiled_step_over_bf16_weights_decodes_as_the_rounded_model_does()
             if p.dim() == 2 and not name.startswith("embed_"):
                 p.copy_(p.bfloat16().float())
     prompts = torch.randint(0, 96, (3, 5), generator=torch.Generator().manual_seed(5))
+    step = decode.compiled_step(model, torch.bfloat16)
     for rows in (prompts[:1], prompts):  # batch 1, and 3 rows decoded together
-        step = decode.compiled_step(model, torch.bfloat16)
         assert torch.equal(model.generate(rows, 40, temperature=0, step=step), rounded.generate(rows, 40, temperature=0))
     # and under bf16 autocast (sample.py --dtype=bfloat16 --compile): the cache keeps the prefill's dtype
     with torch.autocast("cpu", dtype=torch.bfloat16):
